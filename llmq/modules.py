@@ -1,0 +1,102 @@
+"""The runtime side of quantization: QuantLinear and the swap of nn.Linear layers for it.
+
+Methods (methods/*.py) decide *which* integers a weight becomes and return `QWeight`s; this module only turns
+those into a module that holds the packed tensors and runs a kernel. The buffer names (`qweight`, `scales`,
+`qzeros`, `g_idx`, `bias`) are the safetensors keys on disk: a public, versioned format (README, FORMAT).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels, numerics
+from .errors import BadInputError
+from .numerics import QWeight, Scheme
+from .recipe import is_targeted
+
+
+class QuantLinear(nn.Module):
+    """A Linear layer whose weight is stored as packed n-bit integers with per-group scales and zero points."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        scheme: Scheme,
+        dtype: torch.dtype = torch.float32,
+        has_g_idx: bool = False,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        n_groups = scheme.n_groups(in_features)
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(numerics.packed_len(in_features, scheme.bits), out_features, dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=dtype, **kw))
+        self.register_buffer("qzeros", torch.zeros(n_groups, numerics.packed_len(out_features, scheme.bits), dtype=torch.int32, **kw))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw) if has_g_idx else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
+        self.kernel = kernels.select(scheme, device or "cpu")
+
+    def load_qweight(self, qw: QWeight) -> None:
+        """Pack an exact QWeight into this layer's buffers."""
+        for name, t in numerics.pack_qweight(qw, self.scheme, self.scales.dtype).items():
+            buf = getattr(self, name)
+            if buf is None or buf.shape != t.shape:
+                raise ValueError(f"{name}: expected shape {None if buf is None else tuple(buf.shape)}, got {tuple(t.shape)}")
+            buf.copy_(t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x, self)
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        group = "per-channel" if s.group_size is None else f"group={s.group_size}"
+        return f"in={self.in_features}, out={self.out_features}, bits={s.bits}, {group}, sym={s.symmetric}, bias={self.bias is not None}"
+
+
+def targeted_linears(model: nn.Module, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:
+    """The nn.Linear layers of `model` that the target / ignore regexes select, by full module name."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_targeted(n, targets, ignore)}
+    tied = _tied_output_embedding(model)
+    if tied is not None and tied in found:
+        raise BadInputError(
+            f"targets select {tied}, whose weight is tied to the input embeddings; add it to ignore "
+            "(quantizing a tied lm_head would also change the embeddings)"
+        )
+    return found
+
+
+def _tied_output_embedding(model: nn.Module) -> str | None:
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None or get_out() is None or get_in() is None:
+        return None
+    if get_out().weight is get_in().weight:
+        return next(n for n, m in model.named_modules() if m is get_out())
+    return None
+
+
+def replace_linears(
+    model: nn.Module,
+    scheme: Scheme,
+    names: list[str],
+    dtype: torch.dtype,
+    qweights: dict[str, QWeight] | None = None,
+    has_g_idx: bool = False,
+) -> None:
+    """Swap the named nn.Linear layers for QuantLinear (on the Linear's device, meta included) and, when
+    `qweights` is given, pack each layer's QWeight into it."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lin = getattr(parent, child)
+        ql = QuantLinear(
+            lin.in_features, lin.out_features, lin.bias is not None, scheme, dtype, has_g_idx, device=lin.weight.device
+        )
+        if qweights is not None:
+            ql.load_qweight(qweights[name])
+            if lin.bias is not None:
+                ql.bias.data.copy_(lin.bias.data.to(dtype))
+        setattr(parent, child, ql)

@@ -1,0 +1,249 @@
+"""THE quantization math of llmq: what an n-bit integer weight means, in one place.
+
+RTN, GPTQ, QAT and every kernel call these functions, so they all agree on one definition:
+
+    w ≈ (q - z) * s        q, z integers in [0, 2**bits - 1], s a float scale, per output row and per input group
+
+- Asymmetric (min-max): s = (max(w, 0) - min(w, 0)) / (2**bits - 1), z = round(-min(w, 0) / s).
+- Symmetric: z is fixed at 2**(bits-1) and s = 2 * absmax / (2**bits - 1), the GPTQ convention: every element,
+  including ±absmax, rounds to within s/2 and all 2**bits levels are used.
+- Groups run along the input dimension: column j belongs to group j // group_size (or g_idx[j] when given);
+  `group_size=None` means one group per output row (per-channel).
+
+Packing follows the GPTQ layout (see README, FORMAT): codes are a little-endian bit stream along the packed
+dimension, split into int32 words, so value i sits at bits [i*bits, (i+1)*bits) — for 2, 4 and 8 bits that is
+the usual "32/bits values per word, low bits first"; for 3 bits values straddle word boundaries exactly as in
+GPTQ's 3-bit format.
+
+This module deliberately knows nothing about nn.Modules, files or models: tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What a weight becomes on disk."""
+
+    bits: int = 4
+    group_size: int | None = 128  # None = one group per output channel
+    symmetric: bool = False
+    format: Literal["int", "nf4", "fp4"] = "int"
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def n_groups(self, in_features: int) -> int:
+        return 1 if self.group_size is None else in_features // self.group_size
+
+    def group_size_for(self, in_features: int) -> int:
+        return in_features if self.group_size is None else self.group_size
+
+
+class QWeight(NamedTuple):
+    """Unpacked, exact quantized weight: what every method returns."""
+
+    q: Tensor  # integer codes [out, in] (uint8 / int32), values in [0, maxq]
+    scales: Tensor  # [out, n_groups] float
+    zeros: Tensor | None  # [out, n_groups] integer zero points; None = symmetric (implicit 2**(bits-1))
+    g_idx: Tensor | None = None  # [in] group of each input column; None = column j in group j // group_size
+
+
+def default_g_idx(in_features: int, scheme: Scheme, device=None) -> Tensor:
+    gs = scheme.group_size_for(in_features)
+    return torch.arange(in_features, device=device, dtype=torch.int32) // gs
+
+
+def _per_group(w: Tensor, scheme: Scheme) -> Tensor:
+    """View [out, in] as [out, n_groups, group_size] (contiguous groups, no g_idx)."""
+    out, inp = w.shape
+    gs = scheme.group_size_for(inp)
+    if inp % gs:
+        raise ValueError(f"group_size {gs} does not divide in_features {inp}")
+    return w.reshape(out, inp // gs, gs)
+
+
+def minmax_qparams(w: Tensor, scheme: Scheme, shrink: float | Tensor = 1.0) -> tuple[Tensor, Tensor | None]:
+    """Min-max scales and zero points per (row, group) of w [out, in]; `shrink` < 1 clips the range.
+
+    Returns (scales [out, n_groups] fp32, zeros [out, n_groups] int32 or None when symmetric).
+    """
+    wg = _per_group(w.float(), scheme)
+    if scheme.symmetric:
+        absmax = wg.abs().amax(dim=-1) * shrink
+        scales = 2 * absmax / scheme.maxq
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        return scales, None
+    xmin = wg.amin(dim=-1).clamp(max=0) * shrink
+    xmax = wg.amax(dim=-1).clamp(min=0) * shrink
+    scales = (xmax - xmin) / scheme.maxq
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    zeros = torch.round(-xmin / scales).clamp(0, scheme.maxq).to(torch.int32)
+    return scales, zeros
+
+
+def _expand(t: Tensor, g_idx: Tensor | None, in_features: int, scheme: Scheme) -> Tensor:
+    """Per-group [out, n_groups] → per-column [out, in]."""
+    if g_idx is None:
+        return t.repeat_interleave(scheme.group_size_for(in_features), dim=1)
+    return t[:, g_idx.long()]
+
+
+def _zero_value(zeros: Tensor | None, scales: Tensor, scheme: Scheme) -> Tensor:
+    if zeros is None:
+        return torch.full_like(scales, float(1 << (scheme.bits - 1)))
+    return zeros.float()
+
+
+def quantize(
+    w: Tensor,
+    scheme: Scheme,
+    scales: Tensor | None = None,
+    zeros: Tensor | None = None,
+    g_idx: Tensor | None = None,
+) -> QWeight:
+    """Round-to-nearest codes of w [out, in]; min-max qparams unless scales (and zeros) are given."""
+    if scales is None:
+        scales, zeros = minmax_qparams(w, scheme)
+    inp = w.shape[1]
+    s = _expand(scales.float(), g_idx, inp, scheme)
+    z = _expand(_zero_value(zeros, scales, scheme), g_idx, inp, scheme)
+    q = torch.clamp(torch.round(w.float() / s) + z, 0, scheme.maxq)
+    dtype = torch.uint8 if scheme.bits <= 8 else torch.int32
+    return QWeight(q.to(dtype), scales, zeros, g_idx)
+
+
+def dequantize(qw: QWeight, scheme: Scheme, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(q - z) * s, computed in fp32 and returned in `dtype`."""
+    inp = qw.q.shape[1]
+    s = _expand(qw.scales.float(), qw.g_idx, inp, scheme)
+    z = _expand(_zero_value(qw.zeros, qw.scales, scheme), qw.g_idx, inp, scheme)
+    return ((qw.q.float() - z) * s).to(dtype)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Forward: exactly dequantize(quantize(w)). Backward: straight-through (identity) gradient."""
+
+    @staticmethod
+    def forward(ctx, w, scheme, scales, zeros, g_idx):
+        return dequantize(quantize(w, scheme, scales, zeros, g_idx), scheme, dtype=w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None
+
+
+def fake_quantize(
+    w: Tensor, scheme: Scheme, scales: Tensor | None = None, zeros: Tensor | None = None, g_idx: Tensor | None = None
+) -> Tensor:
+    """dequantize(quantize(w)) with a straight-through gradient for QAT; bit-identical forward."""
+    return _FakeQuantSTE.apply(w, scheme, scales, zeros, g_idx)
+
+
+def mse_qparams(
+    w: Tensor, scheme: Scheme, grid: int = 50, max_shrink: float = 0.5, row_chunk: int = 4096
+) -> tuple[Tensor, Tensor | None]:
+    """Per-group clipping search: the shrink factor in {1, 1 - 1/grid, ..., 1 - max_shrink} with the least
+    squared reconstruction error of that group. Shrink 1 (plain min-max) is always a candidate, so the result is
+    never worse than min-max on this objective. Rows are processed in chunks to bound memory.
+    """
+    shrinks = [1.0 - max_shrink * i / grid for i in range(grid + 1)]
+    best_scales, best_zeros = [], []
+    for rows in torch.split(w.float(), row_chunk, dim=0):
+        wg = _per_group(rows, scheme)
+        best_err = torch.full(wg.shape[:2], float("inf"))
+        b_s, b_z = minmax_qparams(rows, scheme)
+        for p in shrinks:
+            s, z = minmax_qparams(rows, scheme, shrink=p)
+            zv = _zero_value(z, s, scheme).unsqueeze(-1)
+            q = torch.clamp(torch.round(wg / s.unsqueeze(-1)) + zv, 0, scheme.maxq)
+            err = ((q - zv) * s.unsqueeze(-1) - wg).pow(2).sum(dim=-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            b_s = torch.where(better, s, b_s)
+            if z is not None:
+                b_z = torch.where(better, z, b_z)
+        best_scales.append(b_s)
+        best_zeros.append(b_z)
+    zeros = None if scheme.symmetric else torch.cat(best_zeros)
+    return torch.cat(best_scales), zeros
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def packed_len(n: int, bits: int) -> int:
+    """Number of int32 words holding n codes of `bits` bits."""
+    return (n * bits + 31) // 32
+
+
+def _word_layout(bits: int) -> tuple[int, list[tuple[int, int]]]:
+    """Every 32 codes fill exactly `bits` words; for code i of such a block: (word index, bit shift)."""
+    return bits, [((i * bits) // 32, (i * bits) % 32) for i in range(32)]
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Pack integer codes [n, m] (values < 2**bits) along dim 0 into int32 [packed_len(n, bits), m]."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    n, m = codes.shape
+    pad = (-n) % 32
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, 0, 0, pad)).reshape(-1, 32, m)
+    words_per_block, layout = _word_layout(bits)
+    words = torch.zeros(c.shape[0], words_per_block + 1, m, dtype=torch.int64)
+    for i, (word, shift) in enumerate(layout):
+        words[:, word] |= c[:, i] << shift  # bits past 32 spill into the high half of the int64 ...
+    spill = words[:, :-1] >> 32  # ... and move to the next word
+    words[:, :-1] &= 0xFFFFFFFF
+    words[:, 1:] |= spill
+    out = words[:, :words_per_block].reshape(-1, m)[: packed_len(n, bits)]
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of `pack`: int32 [packed_len(n, bits), m] → uint8 codes [n, m]."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    m = packed.shape[1]
+    words_per_block, layout = _word_layout(bits)
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    w = torch.nn.functional.pad(w, (0, 0, 0, (-w.shape[0]) % words_per_block)).reshape(-1, words_per_block, m)
+    w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)  # a zero word after each block for straddling codes
+    mask = (1 << bits) - 1
+    codes = torch.empty(w.shape[0], 32, m, dtype=torch.int64)
+    for i, (word, shift) in enumerate(layout):
+        codes[:, i] = ((w[:, word] | (w[:, word + 1] << 32)) >> shift) & mask
+    return codes.reshape(-1, m)[:n].to(torch.uint8)
+
+
+def pack_qweight(qw: QWeight, scheme: Scheme, dtype: torch.dtype) -> dict[str, Tensor]:
+    """QWeight → the on-disk tensors of one layer (GPTQ layout, true zero points)."""
+    out, inp = qw.q.shape
+    zeros = qw.zeros if qw.zeros is not None else torch.full_like(qw.scales, 1 << (scheme.bits - 1), dtype=torch.int32)
+    tensors = {
+        "qweight": pack(qw.q.t(), scheme.bits),
+        "scales": qw.scales.t().contiguous().to(dtype),
+        "qzeros": pack(zeros.to(torch.int32), scheme.bits).t().contiguous(),
+    }
+    if qw.g_idx is not None:
+        tensors["g_idx"] = qw.g_idx.to(torch.int32)
+    return tensors
+
+
+def unpack_qweight(
+    qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor | None, scheme: Scheme, in_features: int
+) -> QWeight:
+    """The on-disk tensors of one layer → QWeight (zeros kept explicitly, also for symmetric layers)."""
+    out = scales.shape[1]
+    q = unpack(qweight, scheme.bits, in_features).t()
+    zeros = unpack(qzeros.t(), scheme.bits, out).to(torch.int32)
+    return QWeight(q, scales.t(), zeros, g_idx)

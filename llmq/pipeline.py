@@ -1,0 +1,153 @@
+"""`llmq run`: the whole job of one recipe, in the order of DESIGN.md ("The flow of llmq run").
+
+validate → resolve model → check shapes on a meta copy → evaluate the base → quantize → save atomically →
+reload from disk with `from_pretrained` → evaluate what was saved → report.json, model card, terminal table.
+Every check that can fail on user input runs before the first heavy step.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from . import data, models
+from .evaluate import Perplexity, perplexity
+from .hf import LlmqConfig
+from .io import atomic_dir, check_output_free
+from .methods import METHODS
+from .modules import replace_linears, targeted_linears
+from .recipe import Recipe, check_against_layers
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RunResult:
+    recipe: Recipe
+    output_dir: Path
+    base_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe.from_yaml(recipe)
+
+
+def check_model_shapes(recipe: Recipe, folder: Path) -> dict[str, int]:
+    """Build the model on the meta device (no weights read) and check the recipe against its Linear layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    layers = {n: m.in_features for n, m in targeted_linears(skeleton, recipe.targets, recipe.ignore).items()}
+    check_against_layers(recipe, layers)
+    return layers
+
+
+def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Recipe:
+    """Everything `run` checks before heavy work: the recipe itself, and (optionally) its fit to the model."""
+    recipe = as_recipe(recipe)
+    if check_model:
+        check_model_shapes(recipe, models.resolve(recipe.model))
+    return recipe
+
+
+def quantize(model: torch.nn.Module, recipe: Recipe, calibration: torch.Tensor | None = None) -> list[str]:
+    """Quantize `model` in place (targeted Linear → QuantLinear) and attach its llmq quantization_config."""
+    scheme = recipe.scheme.to_scheme()
+    dtype = DTYPES[recipe.output.dtype]
+    layers = targeted_linears(model, recipe.targets, recipe.ignore)
+    check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
+    qweights = METHODS[recipe.method.name](layers, scheme, recipe.method, scale_dtype=dtype, calibration=calibration)
+    model.to(dtype)
+    replace_linears(model, scheme, list(layers), dtype, qweights)
+    from . import __version__
+
+    model.config.quantization_config = LlmqConfig(
+        bits=scheme.bits,
+        group_size=scheme.group_size,
+        sym=scheme.symmetric,
+        format=scheme.format,
+        targets=recipe.targets,
+        ignore=recipe.ignore,
+        llmq_version=__version__,
+    )
+    return list(layers)
+
+
+def run(recipe: Recipe | str | Path | dict, overwrite: bool = False, output_dir: str | Path | None = None, console=None) -> RunResult:
+    """Run a recipe end to end; returns the result (also written as report.json in the output folder)."""
+    from . import report
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    recipe = as_recipe(recipe)
+    out = Path(output_dir) if output_dir is not None else recipe.output_dir
+    check_output_free(out, overwrite)
+    from rich.console import Console
+
+    say = (console or Console()).print
+
+    t = time.perf_counter()
+    base_dir = models.resolve(recipe.model)
+    check_model_shapes(recipe, base_dir)
+    tokenizer = models.load_tokenizer(base_dir)
+    windows = None
+    if recipe.eval is not None:
+        ids = data.tokenize_corpus(tokenizer, data.load_text(recipe.eval.data))
+        windows = data.eval_windows(ids, recipe.eval.seqlen, recipe.eval.max_windows)
+    model = models.load_model(base_dir, dtype=torch.float32)
+    timings["load_base_s"] = time.perf_counter() - t
+
+    metrics: dict[str, Any] = {}
+    if windows is not None and recipe.eval.baseline:
+        say(f"evaluating base model: {windows.shape[0]} windows x {windows.shape[1]} tokens of {recipe.eval.data!r}")
+        metrics["base"] = perplexity(model, windows, recipe.eval.data, recipe.eval.batch_size, desc="base ppl")
+        timings["eval_base_s"] = metrics["base"].seconds
+
+    say(f"quantizing with {recipe.method.name} ({scheme_label(recipe)})")
+    t = time.perf_counter()
+    names = quantize(model, recipe)
+    timings["quantize_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    timings["save_s"] = time.perf_counter() - t
+    del model
+    gc.collect()
+
+    t = time.perf_counter()
+    qmodel = models.load_model(out)
+    timings["reload_s"] = time.perf_counter() - t
+    if windows is not None:
+        say(f"evaluating quantized model reloaded from {out}")
+        metrics["quantized"] = perplexity(qmodel, windows, recipe.eval.data, recipe.eval.batch_size, desc="quantized ppl")
+        timings["eval_quantized_s"] = metrics["quantized"].seconds
+    timings["total_s"] = time.perf_counter() - t_start
+
+    result = RunResult(recipe, out, base_dir, timings, {k: v.to_dict() if isinstance(v, Perplexity) else v for k, v in metrics.items()})
+    result.report = report.write(result, quantized_layers=names)
+    say(report.table(result))
+    return result
+
+
+def scheme_label(recipe: Recipe) -> str:
+    s = recipe.scheme
+    group = "per-channel" if s.group_size is None else f"g{s.group_size}"
+    return f"W{s.bits}{group} {'sym' if s.symmetric else 'asym'}, clip={recipe.method.clip}"

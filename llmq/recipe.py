@@ -1,0 +1,235 @@
+"""Recipes: the one YAML file that says what llmq should do, validated before any heavy work starts.
+
+A recipe names a model, a method (rtn now; gptq and qat slot into `METHOD_NAMES` when they land), a scheme
+(bits, grouping, symmetry), which Linear layers to target or ignore, calibration data, evaluation and output.
+Validation is strict (unknown keys are errors, so typos never silently fall back to defaults) and every
+problem is reported as one line naming the key path and what was expected. Checks that need the model's
+shapes (does the group size divide every targeted layer?) live in `check_against_layers`, called once the
+model's config is known and still before any weights are touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import BadInputError
+from .numerics import SUPPORTED_BITS, Scheme
+
+# Presets follow llm-compressor's names: weight bits / activation bits; grouped presets use group 128.
+PRESETS: dict[str, dict[str, Any]] = {
+    "W8A16": {"bits": 8, "group_size": None, "symmetric": True},
+    "W4A16": {"bits": 4, "group_size": 128, "symmetric": True},
+    "W4A16_ASYM": {"bits": 4, "group_size": 128, "symmetric": False},
+    "W3A16": {"bits": 3, "group_size": 128, "symmetric": True},
+    "W2A16": {"bits": 2, "group_size": 64, "symmetric": False},
+}
+
+# Methods llmq knows by name; the ones without an implementation yet are refused at validation time.
+METHOD_NAMES = ("rtn", "gptq", "qat")
+IMPLEMENTED_METHODS = ("rtn",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SchemeConfig(_Strict):
+    """bits / group_size (null = per output channel) / symmetric; `preset` fills the defaults."""
+
+    preset: str | None = None
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    format: Literal["int"] = "int"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            data = {"preset": data}
+        if isinstance(data, dict) and isinstance(data.get("preset"), str):
+            name = data["preset"].upper()
+            if name not in PRESETS:
+                raise ValueError(f"unknown preset {data['preset']!r} (expected one of {', '.join(PRESETS)})")
+            data = {**PRESETS[name], **data, "preset": name}
+        return data
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in SUPPORTED_BITS:
+            raise ValueError(f"{v} is not supported (expected one of {', '.join(map(str, SUPPORTED_BITS))})")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"{v} must be a positive integer, or null for per-channel")
+        return v
+
+    def to_scheme(self) -> Scheme:
+        return Scheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, format=self.format)
+
+
+class MethodConfig(_Strict):
+    """How weights are chosen. `clip: mse` searches a per-group clipping factor instead of plain min-max."""
+
+    name: Literal["rtn", "gptq", "qat"] = "rtn"
+    clip: Literal["minmax", "mse"] = "minmax"
+    clip_grid: int = Field(50, ge=1, le=1000)
+    clip_max_shrink: float = Field(0.5, gt=0.0, lt=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @field_validator("name")
+    @classmethod
+    def _implemented(cls, v: str) -> str:
+        if v not in IMPLEMENTED_METHODS:
+            raise ValueError(f"method {v!r} is not available in this version (available: {', '.join(IMPLEMENTED_METHODS)})")
+        return v
+
+
+class CalibrationConfig(_Strict):
+    data: str = "lambada"
+    n_samples: int = Field(64, ge=1)
+    seqlen: int = Field(512, ge=8)
+    seed: int = 0
+
+
+class EvalConfig(_Strict):
+    """Perplexity protocol: non-overlapping windows of `seqlen` tokens of `data`, the first `max_windows`."""
+
+    data: str = "wiki"
+    seqlen: int = Field(2048, ge=8)
+    max_windows: int | None = Field(16, ge=1)
+    batch_size: int = Field(1, ge=1)
+    baseline: bool = True  # evaluate the full-precision model too
+
+
+class OutputConfig(_Strict):
+    dir: str | None = None  # default: out/<recipe name>
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class Recipe(_Strict):
+    name: str | None = None
+    model: str
+    method: MethodConfig = MethodConfig()
+    scheme: SchemeConfig = SchemeConfig()
+    targets: list[str] = [r".*"]
+    ignore: list[str] = [r"lm_head"]
+    calibration: CalibrationConfig = CalibrationConfig()
+    eval: EvalConfig | None = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a model (built-in alias, local folder, .gguf file or hub id)")
+        return v
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({e})") from None
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_data(self) -> Recipe:
+        if self.eval is not None and self.eval.data == self.calibration.data:
+            raise ValueError(
+                f"calibration.data and eval.data are both {self.eval.data!r}: never calibrate on the evaluation text"
+            )
+        return self
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise BadInputError(f"{source}: expected a mapping of keys (model, method, scheme, ...), got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise BadInputError(f"{source}: {_first_error(e)}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise BadInputError(f"recipe file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise BadInputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        recipe = cls.from_dict(data, source=str(path))
+        if recipe.name is None:
+            recipe = recipe.model_copy(update={"name": path.stem})
+        return recipe
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir or f"out/{self.name or 'llmq'}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """Content hash of the validated recipe (key order and formatting do not matter)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def is_targeted(self, module_name: str) -> bool:
+        return is_targeted(module_name, self.targets, self.ignore)
+
+
+def is_targeted(module_name: str, targets: list[str], ignore: list[str]) -> bool:
+    """A module is quantized when some target regex matches its full name and no ignore regex does."""
+    return any(re.fullmatch(t, module_name) for t in targets) and not any(re.fullmatch(i, module_name) for i in ignore)
+
+
+def check_against_layers(recipe: Recipe, layers: dict[str, int]) -> None:
+    """Shape checks once the model is known: `layers` maps each targeted Linear's name to its in_features."""
+    if not layers:
+        raise BadInputError(f"targets {recipe.targets} / ignore {recipe.ignore} select no Linear layer of the model")
+    gs = recipe.scheme.group_size
+    if gs is None:
+        return
+    for name, in_features in layers.items():
+        if in_features % gs:
+            raise BadInputError(
+                f"scheme.group_size: {gs} does not divide in_features {in_features} of {name} "
+                f"(try a divisor of {in_features}, e.g. 64 or 32, or null for per-channel)"
+            )
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    path = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    path = path or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = repr(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
+    more = f" ({len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
+    return f"{path}: {msg} (got {shown}){more}"

@@ -1,0 +1,208 @@
+"""End to end on a tiny random Llama: llmq run → files on disk → from_pretrained → identical logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import llmq
+from llmq.errors import BadInputError, LlmqError
+from llmq.modules import QuantLinear
+
+
+def _in_memory_quantized(recipe_dict):
+    model = AutoModelForCausalLM.from_pretrained(recipe_dict["model"], dtype=torch.float32).eval()
+    llmq.quantize(model, llmq.Recipe.from_dict(recipe_dict))
+    return model
+
+
+@pytest.mark.parametrize(
+    "scheme, clip",
+    [
+        ({"bits": 4, "group_size": 32, "symmetric": False}, "minmax"),
+        ({"bits": 3, "group_size": 64, "symmetric": True}, "mse"),
+        ({"bits": 2, "group_size": 32, "symmetric": False}, "minmax"),
+        ({"bits": 8, "group_size": None, "symmetric": True}, "minmax"),
+    ],
+)
+def test_run_save_reload_identical_logits(tiny_recipe, scheme, clip):
+    tiny_recipe["scheme"] = scheme
+    tiny_recipe["method"] = {"name": "rtn", "clip": clip}
+    result = llmq.run(tiny_recipe)
+    out = result.output_dir
+    assert {"config.json", "model.safetensors", "report.json", "README.md", "recipe.yaml"} <= {p.name for p in out.iterdir()}
+    assert not list(out.parent.glob(".*tmp*")), "temporary folders must not survive a successful run"
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    qlayers = [m for m in reloaded.modules() if isinstance(m, QuantLinear)]
+    assert len(qlayers) == 14  # 2 blocks x (q, k, v, o, gate, up, down); lm_head ignored
+    assert not isinstance(reloaded.lm_head, QuantLinear)
+
+    in_memory = _in_memory_quantized(tiny_recipe)
+    x = torch.randint(0, reloaded.config.vocab_size, (3, 17))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, in_memory(x).logits)
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["report_version"] == 1 and report["recipe_hash"] == result.recipe.hash()
+    for key in ("base", "quantized"):
+        m = report["metrics"][key]
+        assert m["windows"] == 4 and m["seqlen"] == 64 and m["tokens"] == 4 * 63 and m["ppl"] > 1
+    assert report["sizes"]["quantized_bytes"] > 0
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "base_model:" in card and f"{report['metrics']['quantized']['ppl']:.3f}" in card
+
+
+def test_quantized_perplexity_ordering(tiny_recipe):
+    """Quantization error grows as bits shrink: W8 stays near base, W2 moves much further."""
+    res = {}
+    for bits, group in ((8, None), (2, 32)):
+        tiny_recipe["scheme"] = {"bits": bits, "group_size": group, "symmetric": bits == 8}
+        tiny_recipe["output"]["dir"] = tiny_recipe["output"]["dir"] + f"-{bits}"
+        res[bits] = llmq.run(tiny_recipe).metrics
+    base = res[8]["base"]["ppl"]
+    assert abs(res[8]["quantized"]["ppl"] / base - 1) < 0.01
+    assert abs(res[2]["quantized"]["ppl"] / base - 1) > abs(res[8]["quantized"]["ppl"] / base - 1)
+
+
+def test_existing_output_is_refused_then_overwritten(tiny_recipe):
+    tiny_recipe["eval"] = None
+    first = llmq.run(tiny_recipe)
+    stamp = (first.output_dir / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(BadInputError, match="already exists"):
+        llmq.run(tiny_recipe)
+    assert (first.output_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    llmq.run(tiny_recipe, overwrite=True)
+    assert (first.output_dir / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_group_size_error_names_layer_before_work(tiny_recipe):
+    tiny_recipe["scheme"]["group_size"] = 48  # divides 64? no: names the first layer it does not divide
+    with pytest.raises(BadInputError, match=r"48 does not divide in_features 64 of model\.layers\.0\.self_attn\.q_proj"):
+        llmq.run(tiny_recipe)
+    assert not Path(tiny_recipe["output"]["dir"]).exists()
+
+
+def test_crash_during_save_leaves_nothing_that_loads(tiny_recipe, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def boom(self, *a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", boom)
+    tiny_recipe["eval"] = None
+    with pytest.raises(RuntimeError, match="disk full"):
+        llmq.run(tiny_recipe)
+    out = Path(tiny_recipe["output"]["dir"])
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+
+
+def test_ctrl_c_during_save_leaves_nothing_that_loads(tiny_recipe, tmp_path):
+    """A real SIGINT while save_pretrained is writing: the CLI exits 130 and no output folder exists."""
+    import yaml
+
+    tiny_recipe["eval"] = None
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_recipe))
+    script = f"""
+import os, signal, sys, time
+from transformers import PreTrainedModel
+orig = PreTrainedModel.save_pretrained
+def slow(self, path, *a, **k):
+    orig(self, path, *a, **k)           # the files are fully written into the temporary folder ...
+    os.kill(os.getpid(), signal.SIGINT)  # ... and the user presses Ctrl-C before the rename
+    time.sleep(5)
+PreTrainedModel.save_pretrained = slow
+from llmq.cli import main
+sys.exit(main(["run", {str(recipe_path)!r}]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr
+    out = Path(tiny_recipe["output"]["dir"])
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+
+
+def _saved_checkpoint(tiny_recipe) -> Path:
+    tiny_recipe["eval"] = None
+    return llmq.run(tiny_recipe).output_dir
+
+
+def test_truncated_safetensors_is_refused(tiny_recipe):
+    out = _saved_checkpoint(tiny_recipe)
+    f = out / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LlmqError, match="corrupt or truncated"):
+        llmq.load(out)
+
+
+def test_corrupt_header_is_refused(tiny_recipe):
+    out = _saved_checkpoint(tiny_recipe)
+    f = out / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"\x00" * 32
+    f.write_bytes(bytes(data))
+    with pytest.raises(LlmqError, match="corrupt or truncated"):
+        llmq.load(out)
+
+
+def test_missing_layer_tensor_is_refused(tiny_recipe):
+    from safetensors.torch import load_file, save_file
+
+    out = _saved_checkpoint(tiny_recipe)
+    f = out / "model.safetensors"
+    tensors = load_file(f)
+    del tensors["model.layers.1.mlp.down_proj.qweight"]
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(LlmqError, match=r"lacks model\.layers\.1\.mlp\.down_proj\.qweight"):
+        llmq.load(out)
+
+
+def test_loaded_without_llmq_registered_is_refused(tiny_recipe, monkeypatch):
+    """transformers loads an unknown quant_method as random Linear weights; llmq's loaders refuse such a model."""
+    from transformers.quantizers import auto
+
+    out = _saved_checkpoint(tiny_recipe)
+    monkeypatch.delitem(auto.AUTO_QUANTIZATION_CONFIG_MAPPING, "llmq")
+    monkeypatch.delitem(auto.AUTO_QUANTIZER_MAPPING, "llmq")
+    model = AutoModelForCausalLM.from_pretrained(out)  # what a user without `import llmq` would get
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    with pytest.raises(LlmqError, match="without llmq registered"):
+        llmq.hf.check_loaded(model)
+
+
+def test_foreign_checkpoint_is_not_mistaken_for_llmq(tiny_model_dir):
+    """A plain full-precision folder loads as itself; check_loaded accepts it."""
+    model = llmq.load(tiny_model_dir)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_newer_format_version_is_refused(tiny_recipe):
+    out = _saved_checkpoint(tiny_recipe)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LlmqError, match="format version 99"):
+        llmq.load(out)
+
+
+def test_run_in_a_subprocess_from_python_api(tiny_recipe, tmp_path):
+    """`import llmq; llmq.run(path)` from a fresh interpreter, as the README shows."""
+    import yaml
+
+    tiny_recipe["eval"] = None
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(tiny_recipe))
+    code = f"import llmq; r = llmq.run({str(p)!r}); print('OUT', r.output_dir)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "OUT" in proc.stdout
