@@ -87,12 +87,14 @@ class LlmqHfQuantizer(HfQuantizer):
 
     requires_calibration = True
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         cfg: LlmqConfig = self.quantization_config
-        names = sorted(targeted_linears(model, cfg.targets, cfg.ignore))
+        layers = targeted_linears(model, cfg.targets, cfg.ignore)
+        names = sorted(layers)
         if checkpoint_files:
             check_checkpoint_keys([str(f) for f in checkpoint_files], names, cfg.g_idx)
-        scale_dtype = dtype if isinstance(dtype, torch.dtype) else model.config.dtype or torch.float32
+        # scales and bias follow the dtype the model is being built in (from_pretrained's `dtype`)
+        scale_dtype = next(iter(layers.values())).weight.dtype if layers else torch.float32
         replace_linears(model, cfg.scheme, names, scale_dtype, has_g_idx=cfg.g_idx)
         return model
 

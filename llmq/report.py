@@ -16,6 +16,8 @@ import transformers
 import yaml
 from rich.table import Table
 
+from . import models
+
 REPORT_VERSION = 1
 
 
@@ -50,7 +52,7 @@ def build(result, quantized_layers: list[str]) -> dict[str, Any]:
         },
         "recipe": recipe.to_dict(),
         "recipe_hash": recipe.hash(),
-        "model": {"spec": recipe.model, "resolved": str(result.base_dir)},
+        "model": {"spec": recipe.model, "resolved": str(result.base_dir), **models.card_metadata(recipe.model, result.base_dir)},
         "output_dir": str(result.output_dir),
         "quantized_layers": len(quantized_layers),
         "sizes": {
@@ -81,7 +83,8 @@ def model_card(report: dict[str, Any]) -> str:
     s = r["scheme"]
     group = "per-channel" if s["group_size"] is None else f"group size {s['group_size']}"
     header = {
-        "base_model": r["model"],
+        "base_model": report["model"]["base_model"],
+        **({"license": report["model"]["license"]} if "license" in report["model"] else {}),
         "library_name": "transformers",
         "tags": ["llmq", "quantized", f"{s['bits']}-bit", r["method"]["name"]],
         "quantization": {

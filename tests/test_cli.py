@@ -92,3 +92,9 @@ def test_help_lists_commands():
     assert proc.returncode == 0 and "run" in proc.stdout and "validate" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "llmq.cli", "run", "--help"], capture_output=True, text=True, timeout=120)
     assert "--overwrite" in proc.stdout
+
+
+def test_validate_bad_eval_data_exit_2(tmp_path, capsys):
+    path = _write(tmp_path, {"model": "m", "eval": {"data": "wikii"}})
+    assert main(["validate", "--no-model", path]) == 2
+    assert "'wikii'" in _one_line_error(capsys)

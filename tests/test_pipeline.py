@@ -206,3 +206,15 @@ def test_run_in_a_subprocess_from_python_api(tiny_recipe, tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "OUT" in proc.stdout
+
+
+def test_reload_in_half_precision(tiny_recipe):
+    """from_pretrained(dtype=float16) builds fp16 scales; the dequantized weights match fp32 ones to fp16 rounding."""
+    out = _saved_checkpoint(tiny_recipe)
+    m32 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    m16 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16)
+    from llmq.kernels.torch_ref import dequantized_weight
+
+    l32, l16 = m32.model.layers[0].mlp.up_proj, m16.model.layers[0].mlp.up_proj
+    assert l16.scales.dtype == torch.float16 and torch.equal(l16.qweight, l32.qweight)
+    torch.testing.assert_close(dequantized_weight(l16).float(), dequantized_weight(l32), rtol=2e-3, atol=1e-4)

@@ -1,0 +1,35 @@
+"""End to end on the real SmolLM2-135M (built-in alias, no network): the numbers must make sense.
+
+Slow (about 2 minutes on 2 cores, plus a one-time GGUF conversion): run with `make test-slow` or `-m slow`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import llmq
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path, name, scheme, baseline):
+    recipe = {
+        "name": name,
+        "model": "smollm2-135m",
+        "method": "rtn",
+        "scheme": scheme,
+        "eval": {"data": "wiki", "seqlen": 2048, "max_windows": 4, "baseline": baseline},
+        "output": {"dir": str(tmp_path / name)},
+    }
+    return llmq.run(recipe).metrics
+
+
+def test_smollm2_w8_near_base_and_w4_between_base_and_1_5x(tmp_path):
+    w8 = _run(tmp_path, "w8", {"bits": 8, "group_size": None, "symmetric": True}, baseline=True)
+    base = w8["base"]["ppl"]
+    assert 5 < base < 60, f"base perplexity {base} is implausible for SmolLM2-135M on Wikipedia text"
+    assert w8["base"]["tokens"] == 4 * 2047
+    assert abs(w8["quantized"]["ppl"] / base - 1) < 0.01, (w8["quantized"]["ppl"], base)
+
+    w4 = _run(tmp_path, "w4", {"bits": 4, "group_size": 64, "symmetric": False}, baseline=False)
+    assert base < w4["quantized"]["ppl"] < 1.5 * base, (w4["quantized"]["ppl"], base)
