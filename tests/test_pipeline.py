@@ -218,3 +218,17 @@ def test_reload_in_half_precision(tiny_recipe):
     l32, l16 = m32.model.layers[0].mlp.up_proj, m16.model.layers[0].mlp.up_proj
     assert l16.scales.dtype == torch.float16 and torch.equal(l16.qweight, l32.qweight)
     torch.testing.assert_close(dequantized_weight(l16).float(), dequantized_weight(l32), rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_output_round_trips(tiny_recipe, dtype):
+    tiny_recipe["output"]["dtype"] = dtype
+    result = llmq.run(tiny_recipe)
+    reloaded = llmq.load(result.output_dir)
+    layer = reloaded.model.layers[1].self_attn.o_proj
+    assert isinstance(layer, QuantLinear) and layer.scales.dtype == getattr(torch, dtype)
+    in_memory = _in_memory_quantized(tiny_recipe)
+    x = torch.randint(0, reloaded.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, in_memory(x).logits)
+    assert result.metrics["quantized"]["ppl"] > 1
