@@ -8,7 +8,12 @@ Importing llmq registers `quant_method: "llmq"` with transformers, so `AutoModel
 loads llmq checkpoints as QuantLinear layers.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("llmq")  # single source of truth: pyproject.toml
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 from . import hf as _hf
 from .errors import BadInputError, LlmqError

@@ -19,6 +19,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Quantize Hugging Face causal LMs and measure what it cost.",
         epilog="Example: llmq run recipes/quickstart.yaml",
     )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"llmq {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="quantize, save, reload and evaluate as a recipe says",

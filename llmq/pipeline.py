@@ -74,7 +74,7 @@ def quantize(model: torch.nn.Module, recipe: Recipe, calibration: torch.Tensor |
     dtype = DTYPES[recipe.output.dtype]
     layers = targeted_linears(model, recipe.targets, recipe.ignore)
     check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
-    qweights = METHODS[recipe.method.name](layers, scheme, recipe.method, scale_dtype=dtype, calibration=calibration)
+    qweights = METHODS[recipe.method.name](model, layers, scheme, recipe.method, scale_dtype=dtype, calibration=calibration)
     # cast parameters only, as from_pretrained(dtype=...) would: computed buffers (rotary inv_freq) stay fp32
     for param in model.parameters():
         param.data = param.data.to(dtype)

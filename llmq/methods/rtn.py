@@ -24,8 +24,10 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, clip: str, grid: int, max_s
     return numerics.quantize(w, scheme, scales, zeros)
 
 
-def rtn(layers: dict[str, nn.Linear], scheme: Scheme, method, scale_dtype: torch.dtype, **_) -> dict[str, QWeight]:
-    """{name: QWeight} for every given Linear layer."""
+def rtn(
+    model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme, method, scale_dtype: torch.dtype, calibration=None
+) -> dict[str, QWeight]:
+    """{name: QWeight} for every targeted Linear layer; RTN needs neither the rest of the model nor data."""
     out = {}
     with torch.no_grad():
         for name, layer in tqdm(layers.items(), desc=f"RTN W{scheme.bits}", unit="layer", leave=False):
