@@ -16,7 +16,9 @@ from typing import Any
 import torch
 import yaml
 
-from . import data, models
+from rich.console import Console
+
+from . import data, models, report
 from .evaluate import Perplexity, perplexity
 from .hf import LlmqConfig
 from .io import atomic_dir, check_output_free
@@ -96,15 +98,11 @@ def quantize(model: torch.nn.Module, recipe: Recipe, calibration: torch.Tensor |
 
 def run(recipe: Recipe | str | Path | dict, overwrite: bool = False, output_dir: str | Path | None = None, console=None) -> RunResult:
     """Run a recipe end to end; returns the result (also written as report.json in the output folder)."""
-    from . import report
-
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     recipe = as_recipe(recipe)
     out = Path(output_dir) if output_dir is not None else recipe.output_dir
     check_output_free(out, overwrite)
-    from rich.console import Console
-
     say = (console or Console()).print
 
     t = time.perf_counter()
@@ -118,7 +116,7 @@ def run(recipe: Recipe | str | Path | dict, overwrite: bool = False, output_dir:
     model = models.load_model(base_dir, dtype=torch.float32)
     timings["load_base_s"] = time.perf_counter() - t
 
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Perplexity] = {}
     if windows is not None and recipe.eval.baseline:
         say(f"evaluating base model: {windows.shape[0]} windows x {windows.shape[1]} tokens of {recipe.eval.data!r}")
         metrics["base"] = perplexity(model, windows, recipe.eval.data, recipe.eval.batch_size, desc="base ppl")
@@ -147,7 +145,7 @@ def run(recipe: Recipe | str | Path | dict, overwrite: bool = False, output_dir:
         timings["eval_quantized_s"] = metrics["quantized"].seconds
     timings["total_s"] = time.perf_counter() - t_start
 
-    result = RunResult(recipe, out, base_dir, timings, {k: v.to_dict() if isinstance(v, Perplexity) else v for k, v in metrics.items()})
+    result = RunResult(recipe, out, base_dir, timings, {k: v.to_dict() for k, v in metrics.items()})
     result.report = report.write(result, quantized_layers=names)
     say(report.table(result))
     return result
