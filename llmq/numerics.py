@@ -150,11 +150,12 @@ def fake_quantize(
 
 
 def mse_qparams(
-    w: Tensor, scheme: Scheme, grid: int = 50, max_shrink: float = 0.5, row_chunk: int = 4096
+    w: Tensor, scheme: Scheme, grid: int = 50, max_shrink: float = 0.5, norm: float = 2.0, row_chunk: int = 4096
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-group clipping search: the shrink factor in {1, 1 - 1/grid, ..., 1 - max_shrink} with the least
-    squared reconstruction error of that group. Shrink 1 (plain min-max) is always a candidate, so the result is
-    never worse than min-max on this objective. Rows are processed in chunks to bound memory.
+    """Per-group clipping search: the shrink factor in {1, 1 - max_shrink/grid, ..., 1 - max_shrink} with the
+    least reconstruction error sum |w - ŵ|^norm of that group (norm 2: mean squared error). Shrink 1 (plain
+    min-max) is always a candidate, so the result is never worse than min-max on this objective. Rows are
+    processed in chunks to bound memory.
     """
     shrinks = [1.0 - max_shrink * i / grid for i in range(grid + 1)]
     best_scales, best_zeros = [], []
@@ -166,7 +167,7 @@ def mse_qparams(
             s, z = minmax_qparams(rows, scheme, shrink=p)
             zv = _zero_value(z, s, scheme).unsqueeze(-1)
             q = torch.clamp(torch.round(wg / s.unsqueeze(-1)) + zv, 0, scheme.maxq)
-            err = ((q - zv) * s.unsqueeze(-1) - wg).pow(2).sum(dim=-1)
+            err = ((q - zv) * s.unsqueeze(-1) - wg).abs().pow(norm).sum(dim=-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             b_s = torch.where(better, s, b_s)

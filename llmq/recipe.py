@@ -80,12 +80,14 @@ class SchemeConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    """How weights are chosen. `clip: mse` searches a per-group clipping factor instead of plain min-max."""
+    """How weights are chosen. `clip: mse` searches a per-group clipping factor instead of plain min-max,
+    minimizing sum |w - ŵ|^clip_norm over shrink factors 1 … 1 - clip_max_shrink in clip_grid steps."""
 
     name: Literal["rtn", "gptq", "qat"] = "rtn"
     clip: Literal["minmax", "mse"] = "minmax"
     clip_grid: int = Field(50, ge=1, le=1000)
     clip_max_shrink: float = Field(0.5, gt=0.0, lt=1.0)
+    clip_norm: float = Field(2.0, ge=1.0, le=8.0)
 
     @model_validator(mode="before")
     @classmethod

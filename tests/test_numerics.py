@@ -131,17 +131,18 @@ def test_fake_quantize_forward_is_exact_and_gradient_is_straight_through(bits, s
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group", [None, 32, 64])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_mse_search_never_worse_than_minmax(bits, group, symmetric):
+@pytest.mark.parametrize("norm", [2.0, 3.0])
+def test_mse_search_never_worse_than_minmax(bits, group, symmetric, norm):
     scheme = Scheme(bits, group, symmetric)
     w = torch.randn(24, 128)
     w[0, 0] = 12.0  # an outlier, where clipping pays
     s0, z0 = minmax_qparams(w, scheme)
-    s1, z1 = mse_qparams(w, scheme, grid=20, max_shrink=0.5, row_chunk=7)
+    s1, z1 = mse_qparams(w, scheme, grid=20, max_shrink=0.5, norm=norm, row_chunk=7)
 
     def group_err(s, z):
         d = dequantize(quantize(w, scheme, s, z), scheme) - w
         gs = scheme.group_size_for(128)
-        return d.pow(2).reshape(24, 128 // gs, gs).sum(-1)
+        return d.abs().pow(norm).reshape(24, 128 // gs, gs).sum(-1)
 
     e0, e1 = group_err(s0, z0), group_err(s1, z1)
     assert torch.all(e1 <= e0 * (1 + 1e-6) + 1e-9)

@@ -13,10 +13,13 @@ from .. import numerics
 from ..numerics import QWeight, Scheme
 
 
-def quantize_weight(w: torch.Tensor, scheme: Scheme, clip: str, grid: int, max_shrink: float, scale_dtype: torch.dtype) -> QWeight:
-    """RTN one weight [out, in]; scales are rounded to the storage dtype before the codes are chosen."""
-    if clip == "mse":
-        scales, zeros = numerics.mse_qparams(w, scheme, grid=grid, max_shrink=max_shrink)
+def quantize_weight(w: torch.Tensor, scheme: Scheme, method, scale_dtype: torch.dtype) -> QWeight:
+    """RTN one weight [out, in] as the recipe's method section says; scales are rounded to the storage dtype
+    before the codes are chosen."""
+    if method.clip == "mse":
+        scales, zeros = numerics.mse_qparams(
+            w, scheme, grid=method.clip_grid, max_shrink=method.clip_max_shrink, norm=method.clip_norm
+        )
     else:
         scales, zeros = numerics.minmax_qparams(w, scheme)
     # what is stored is what the codes must fit; never let a tiny scale round to zero in fp16 / bf16
@@ -31,7 +34,5 @@ def rtn(
     out = {}
     with torch.no_grad():
         for name, layer in tqdm(layers.items(), desc=f"RTN W{scheme.bits}", unit="layer", leave=False):
-            out[name] = quantize_weight(
-                layer.weight.data, scheme, method.clip, method.clip_grid, method.clip_max_shrink, scale_dtype
-            )
+            out[name] = quantize_weight(layer.weight.data, scheme, method, scale_dtype)
     return out
