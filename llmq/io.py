@@ -33,9 +33,8 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        check_output_free(target, overwrite)  # again: the folder may have appeared while we were writing
         if target.exists():
-            if not overwrite:
-                raise BadInputError(f"output folder {str(target)!r} already exists (pass --overwrite to replace it)")
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
             os.replace(tmp, target)

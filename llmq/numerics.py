@@ -187,9 +187,9 @@ def packed_len(n: int, bits: int) -> int:
     return (n * bits + 31) // 32
 
 
-def _word_layout(bits: int) -> tuple[int, list[tuple[int, int]]]:
+def _word_layout(bits: int) -> list[tuple[int, int]]:
     """Every 32 codes fill exactly `bits` words; for code i of such a block: (word index, bit shift)."""
-    return bits, [((i * bits) // 32, (i * bits) % 32) for i in range(32)]
+    return [((i * bits) // 32, (i * bits) % 32) for i in range(32)]
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:
@@ -199,14 +199,13 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     n, m = codes.shape
     pad = (-n) % 32
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, 0, 0, pad)).reshape(-1, 32, m)
-    words_per_block, layout = _word_layout(bits)
-    words = torch.zeros(c.shape[0], words_per_block + 1, m, dtype=torch.int64)
-    for i, (word, shift) in enumerate(layout):
+    words = torch.zeros(c.shape[0], bits + 1, m, dtype=torch.int64)
+    for i, (word, shift) in enumerate(_word_layout(bits)):
         words[:, word] |= c[:, i] << shift  # bits past 32 spill into the high half of the int64 ...
     spill = words[:, :-1] >> 32  # ... and move to the next word
     words[:, :-1] &= 0xFFFFFFFF
     words[:, 1:] |= spill
-    out = words[:, :words_per_block].reshape(-1, m)[: packed_len(n, bits)]
+    out = words[:, :bits].reshape(-1, m)[: packed_len(n, bits)]
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
@@ -215,13 +214,12 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     m = packed.shape[1]
-    words_per_block, layout = _word_layout(bits)
     w = packed.to(torch.int64) & 0xFFFFFFFF
-    w = torch.nn.functional.pad(w, (0, 0, 0, (-w.shape[0]) % words_per_block)).reshape(-1, words_per_block, m)
+    w = torch.nn.functional.pad(w, (0, 0, 0, (-w.shape[0]) % bits)).reshape(-1, bits, m)
     w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)  # a zero word after each block for straddling codes
     mask = (1 << bits) - 1
     codes = torch.empty(w.shape[0], 32, m, dtype=torch.int64)
-    for i, (word, shift) in enumerate(layout):
+    for i, (word, shift) in enumerate(_word_layout(bits)):
         codes[:, i] = ((w[:, word] | (w[:, word + 1] << 32)) >> shift) & mask
     return codes.reshape(-1, m)[:n].to(torch.uint8)
 
