@@ -24,6 +24,24 @@ def check_output_free(target: Path, overwrite: bool) -> None:
         raise BadInputError(f"output {str(target)!r} exists and is not a folder")
 
 
+def move_into_place(tmp: Path, target: Path, overwrite: bool = False) -> None:
+    """Rename the finished folder `tmp` to `target` (replacing it only when `overwrite`)."""
+    check_output_free(target, overwrite)  # again: the folder may have appeared while we were writing
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def partial_dir(target: Path) -> Path:
+    """Where a resumable job writing `target` keeps its unfinished work (hidden; never a loadable checkpoint
+    because config.json is only written once the work is complete)."""
+    return Path(target).parent / f".{Path(target).name}.partial"
+
+
 @contextmanager
 def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success it becomes `target` in one rename."""
@@ -33,14 +51,7 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        check_output_free(target, overwrite)  # again: the folder may have appeared while we were writing
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        move_into_place(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

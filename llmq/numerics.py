@@ -98,10 +98,21 @@ def _expand(t: Tensor, g_idx: Tensor | None, in_features: int, scheme: Scheme) -
     return t[:, g_idx.long()]
 
 
-def _zero_value(zeros: Tensor | None, scales: Tensor, scheme: Scheme) -> Tensor:
+def zero_values(zeros: Tensor | None, scales: Tensor, scheme: Scheme) -> Tensor:
+    """Zero points as floats shaped like `scales`: the stored ones, or 2**(bits-1) for symmetric schemes."""
     if zeros is None:
         return torch.full_like(scales, float(1 << (scheme.bits - 1)))
     return zeros.float()
+
+
+def round_to_grid(w: Tensor, s: Tensor, z: Tensor, maxq: int) -> Tensor:
+    """The codes clamp(round(w / s) + z, 0, maxq) as floats; s and z broadcast against w."""
+    return torch.clamp(torch.round(w / s) + z, 0, maxq)
+
+
+def from_grid(q: Tensor, s: Tensor, z: Tensor) -> Tensor:
+    """Codes back to values: (q - z) * s."""
+    return (q - z) * s
 
 
 def quantize(
@@ -116,8 +127,8 @@ def quantize(
         scales, zeros = minmax_qparams(w, scheme)
     inp = w.shape[1]
     s = _expand(scales.float(), g_idx, inp, scheme)
-    z = _expand(_zero_value(zeros, scales, scheme), g_idx, inp, scheme)
-    q = torch.clamp(torch.round(w.float() / s) + z, 0, scheme.maxq)
+    z = _expand(zero_values(zeros, scales, scheme), g_idx, inp, scheme)
+    q = round_to_grid(w.float(), s, z, scheme.maxq)
     dtype = torch.uint8 if scheme.bits <= 8 else torch.int32
     return QWeight(q.to(dtype), scales, zeros, g_idx)
 
@@ -126,8 +137,8 @@ def dequantize(qw: QWeight, scheme: Scheme, dtype: torch.dtype = torch.float32) 
     """(q - z) * s, computed in fp32 and returned in `dtype`."""
     inp = qw.q.shape[1]
     s = _expand(qw.scales.float(), qw.g_idx, inp, scheme)
-    z = _expand(_zero_value(qw.zeros, qw.scales, scheme), qw.g_idx, inp, scheme)
-    return ((qw.q.float() - z) * s).to(dtype)
+    z = _expand(zero_values(qw.zeros, qw.scales, scheme), qw.g_idx, inp, scheme)
+    return from_grid(qw.q.float(), s, z).to(dtype)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -165,9 +176,9 @@ def mse_qparams(
         b_s, b_z = minmax_qparams(rows, scheme)
         for p in shrinks:
             s, z = minmax_qparams(rows, scheme, shrink=p)
-            zv = _zero_value(z, s, scheme).unsqueeze(-1)
-            q = torch.clamp(torch.round(wg / s.unsqueeze(-1)) + zv, 0, scheme.maxq)
-            err = ((q - zv) * s.unsqueeze(-1) - wg).abs().pow(norm).sum(dim=-1)
+            zv = zero_values(z, s, scheme).unsqueeze(-1)
+            q = round_to_grid(wg, s.unsqueeze(-1), zv, scheme.maxq)
+            err = (from_grid(q, s.unsqueeze(-1), zv) - wg).abs().pow(norm).sum(dim=-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             b_s = torch.where(better, s, b_s)

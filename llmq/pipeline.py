@@ -1,6 +1,7 @@
 """`llmq run`: the whole job of one recipe, in the order of DESIGN.md ("The flow of llmq run").
 
-validate → resolve model → check shapes on a meta copy → evaluate the base → quantize → save atomically →
+validate → resolve model → check shapes on a meta copy → tokenize evaluation and calibration text → evaluate
+the base → quantize block by block from disk into a hidden partial folder (resumable) → move it into place →
 reload from disk with `from_pretrained` → evaluate what was saved → report.json, model card, terminal table.
 Every check that can fail on user input runs before the first heavy step.
 """
@@ -18,10 +19,11 @@ import yaml
 
 from rich.console import Console
 
-from . import data, models, report
+from . import blockwise, calibration, data, models, report
+from .errors import BadInputError
 from .evaluate import Perplexity, perplexity
 from .hf import LlmqConfig
-from .io import atomic_dir, check_output_free
+from .io import check_output_free, move_into_place, partial_dir
 from .methods import METHODS
 from .modules import replace_linears, targeted_linears
 from .recipe import Recipe, check_against_layers
@@ -65,23 +67,28 @@ def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Re
     recipe = as_recipe(recipe)
     if recipe.eval is not None:
         data.load_text(recipe.eval.data)  # a wrong data spec fails here, not after quantizing
+    if METHODS[recipe.method.name].needs_calibration:
+        data.load_text(recipe.calibration.data)
     if check_model:
         check_model_shapes(recipe, models.resolve(recipe.model))
     return recipe
 
 
 def quantize(model: torch.nn.Module, recipe: Recipe, calibration: torch.Tensor | None = None) -> list[str]:
-    """Quantize `model` in place (targeted Linear → QuantLinear) and attach its llmq quantization_config."""
+    """Quantize a model in memory, in place (targeted Linear → QuantLinear), and attach its llmq
+    quantization_config. `calibration` ([n, seqlen] token ids) is needed by methods that calibrate (gptq)."""
     scheme = recipe.scheme.to_scheme()
     dtype = DTYPES[recipe.output.dtype]
     layers = targeted_linears(model, recipe.targets, recipe.ignore)
     check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
-    qweights = METHODS[recipe.method.name](model, layers, scheme, recipe.method, scale_dtype=dtype, calibration=calibration)
+    if METHODS[recipe.method.name].needs_calibration and calibration is None:
+        raise BadInputError(f"method {recipe.method.name} needs calibration token windows ([n, seqlen] token ids)")
+    qweights, summary = blockwise.quantize_model(model, recipe, dtype, calibration)
     # cast parameters only, as from_pretrained(dtype=...) would: computed buffers (rotary inv_freq) stay fp32
     for param in model.parameters():
         param.data = param.data.to(dtype)
     model.config.dtype = dtype
-    replace_linears(model, scheme, list(layers), dtype, qweights)
+    replace_linears(model, scheme, list(layers), dtype, qweights, has_g_idx=summary.has_g_idx)
     from . import __version__
 
     model.config.quantization_config = LlmqConfig(
@@ -91,6 +98,7 @@ def quantize(model: torch.nn.Module, recipe: Recipe, calibration: torch.Tensor |
         format=scheme.format,
         targets=recipe.targets,
         ignore=recipe.ignore,
+        g_idx=summary.has_g_idx,
         llmq_version=__version__,
     )
     return list(layers)
@@ -113,28 +121,36 @@ def run(recipe: Recipe | str | Path | dict, overwrite: bool = False, output_dir:
     if recipe.eval is not None:
         ids = data.tokenize_corpus(tokenizer, data.load_text(recipe.eval.data))
         windows = data.eval_windows(ids, recipe.eval.seqlen, recipe.eval.max_windows)
-    model = models.load_model(base_dir, dtype=torch.float32)
-    timings["load_base_s"] = time.perf_counter() - t
+    calib = None
+    if METHODS[recipe.method.name].needs_calibration:
+        c = recipe.calibration
+        calib = calibration.calibration_batches(c, tokenizer)
+        say(f"calibration: {c.n_samples} windows x {c.seqlen} tokens of {c.data!r} (seed {c.seed})")
+    timings["prepare_s"] = time.perf_counter() - t
 
     metrics: dict[str, Perplexity] = {}
     if windows is not None and recipe.eval.baseline:
+        t = time.perf_counter()
+        model = models.load_model(base_dir, dtype=torch.float32)
+        timings["load_base_s"] = time.perf_counter() - t
         say(f"evaluating base model: {windows.shape[0]} windows x {windows.shape[1]} tokens of {recipe.eval.data!r}")
         metrics["base"] = perplexity(model, windows, recipe.eval.data, recipe.eval.batch_size, desc="base ppl")
         timings["eval_base_s"] = metrics["base"].seconds
+        del model
+        gc.collect()
 
-    say(f"quantizing with {recipe.method.name} ({scheme_label(recipe)})")
-    t = time.perf_counter()
-    names = quantize(model, recipe)
-    timings["quantize_s"] = time.perf_counter() - t
+    say(f"quantizing with {recipe.method.name} ({scheme_label(recipe)}), one decoder block at a time")
+    work = partial_dir(out)
+    dtype = DTYPES[recipe.output.dtype]
+    summary = blockwise.quantize_checkpoint(recipe, base_dir, work, dtype, calib, log=layer_printer(say), say=say)
+    timings["quantize_s"] = summary.seconds
+    names = summary.layers
 
     t = time.perf_counter()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    tokenizer.save_pretrained(work)
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    move_into_place(work, out, overwrite)
     timings["save_s"] = time.perf_counter() - t
-    del model
-    gc.collect()
 
     t = time.perf_counter()
     qmodel = models.load_model(out)
@@ -146,7 +162,9 @@ def run(recipe: Recipe | str | Path | dict, overwrite: bool = False, output_dir:
     timings["total_s"] = time.perf_counter() - t_start
 
     result = RunResult(recipe, out, base_dir, timings, {k: v.to_dict() for k, v in metrics.items()})
-    result.report = report.write(result, quantized_layers=names)
+    result.report = report.write(
+        result, quantized_layers=names, layer_rows=summary.rows, quantization={"resumed_at_block": summary.resumed_at_block}
+    )
     say(report.table(result))
     return result
 
@@ -155,3 +173,18 @@ def scheme_label(recipe: Recipe) -> str:
     s = recipe.scheme
     group = "per-channel" if s.group_size is None else f"g{s.group_size}"
     return f"W{s.bits}{group} {'sym' if s.symmetric else 'asym'}, clip={recipe.method.clip}"
+
+
+def layer_printer(say):
+    """One aligned line per quantized layer as the walk goes: the per-layer table of a run."""
+    header = [False]
+
+    def show(row: dict[str, Any]) -> None:
+        if not header[0]:
+            say(f"{'block':>5}  {'layer':<24} {'method':<8} {'loss / weight mse':>18} {'damp':>7} {'seconds':>8}")
+            header[0] = True
+        err = row.get("loss", row.get("weight_mse"))
+        damp = f"{row['damp']:.3g}" if "damp" in row else "-"
+        say(f"{row['block']:>5}  {row['layer']:<24} {row['method'][:8]:<8} {err:>18.5g} {damp:>7} {row['seconds']:>8.2f}")
+
+    return show

@@ -1,6 +1,6 @@
 """Recipes: the one YAML file that says what llmq should do, validated before any heavy work starts.
 
-A recipe names a model, a method (rtn now; gptq and qat slot into `METHOD_NAMES` when they land), a scheme
+A recipe names a model, a method (rtn, gptq; qat slots into `IMPLEMENTED_METHODS` when it lands), a scheme
 (bits, grouping, symmetry), which Linear layers to target or ignore, calibration data, evaluation and output.
 Validation is strict (unknown keys are errors, so typos never silently fall back to defaults) and every
 problem is reported as one line naming the key path and what was expected. Checks that need the model's
@@ -33,7 +33,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Methods llmq knows by name; the ones without an implementation yet are refused at validation time.
 METHOD_NAMES = ("rtn", "gptq", "qat")
-IMPLEMENTED_METHODS = ("rtn",)
+IMPLEMENTED_METHODS = ("rtn", "gptq")
+GPTQ_KEYS = ("damp", "block_size", "act_order", "static_groups", "true_sequential")
 
 
 class _Strict(BaseModel):
@@ -81,13 +82,24 @@ class SchemeConfig(_Strict):
 
 class MethodConfig(_Strict):
     """How weights are chosen. `clip: mse` searches a per-group clipping factor instead of plain min-max,
-    minimizing sum |w - ŵ|^clip_norm over shrink factors 1 … 1 - clip_max_shrink in clip_grid steps."""
+    minimizing sum |w - ŵ|^clip_norm over shrink factors 1 … 1 - clip_max_shrink in clip_grid steps.
+
+    GPTQ only: `damp` (fraction of mean diag H added to the diagonal; grown until Cholesky succeeds),
+    `block_size` (columns per lazy batch update), `act_order` (columns by descending diag H),
+    `static_groups` (group qparams from the original weights: no g_idx on disk), `true_sequential`
+    (inside a block, each group of layers is calibrated on the outputs of the already-quantized earlier ones).
+    """
 
     name: Literal["rtn", "gptq", "qat"] = "rtn"
     clip: Literal["minmax", "mse"] = "minmax"
     clip_grid: int = Field(50, ge=1, le=1000)
     clip_max_shrink: float = Field(0.5, gt=0.0, lt=1.0)
     clip_norm: float = Field(2.0, ge=1.0, le=8.0)
+    damp: float = Field(0.01, ge=0.0, le=10.0)
+    block_size: int = Field(128, ge=1, le=65536)
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -101,12 +113,20 @@ class MethodConfig(_Strict):
             raise ValueError(f"method {v!r} is not available in this version (available: {', '.join(IMPLEMENTED_METHODS)})")
         return v
 
+    @model_validator(mode="after")
+    def _gptq_keys_need_gptq(self) -> MethodConfig:
+        stray = [k for k in GPTQ_KEYS if getattr(self, k) != type(self).model_fields[k].default]
+        if stray and self.name != "gptq":
+            raise ValueError(f"{stray[0]} applies to method gptq only, not {self.name!r}")
+        return self
+
 
 class CalibrationConfig(_Strict):
     data: str = "lambada"
     n_samples: int = Field(64, ge=1)
     seqlen: int = Field(512, ge=8)
     seed: int = 0
+    batch_size: int = Field(8, ge=1)  # windows per forward pass through a block
 
 
 class EvalConfig(_Strict):

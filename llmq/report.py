@@ -31,7 +31,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def build(result, quantized_layers: list[str]) -> dict[str, Any]:
+def build(
+    result, quantized_layers: list[str], layer_rows: list[dict[str, Any]] | None = None, quantization: dict | None = None
+) -> dict[str, Any]:
     from . import __version__
 
     recipe = result.recipe
@@ -62,11 +64,15 @@ def build(result, quantized_layers: list[str]) -> dict[str, Any]:
         },
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "metrics": metrics,
+        "quantization": quantization or {},
+        "layers": layer_rows or [],
     }
 
 
-def write(result, quantized_layers: list[str]) -> dict[str, Any]:
-    report = build(result, quantized_layers)
+def write(
+    result, quantized_layers: list[str], layer_rows: list[dict[str, Any]] | None = None, quantization: dict | None = None
+) -> dict[str, Any]:
+    report = build(result, quantized_layers, layer_rows, quantization)
     out = Path(result.output_dir)
     _write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     _write_atomic(out / "README.md", model_card(report))

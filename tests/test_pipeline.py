@@ -37,8 +37,11 @@ def test_run_save_reload_identical_logits(tiny_recipe, scheme, clip):
     tiny_recipe["method"] = {"name": "rtn", "clip": clip}
     result = llmq.run(tiny_recipe)
     out = result.output_dir
-    assert {"config.json", "model.safetensors", "report.json", "README.md", "recipe.yaml"} <= {p.name for p in out.iterdir()}
-    assert not list(out.parent.glob(".*tmp*")), "temporary folders must not survive a successful run"
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "report.json", "README.md", "recipe.yaml"} <= files
+    assert {"model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"} <= files  # 2 blocks + the rest
+    assert not {"llmq-progress.json", "llmq-activations.safetensors"} & files
+    assert not list(out.parent.glob(".*tmp*")) and not list(out.parent.glob(".*partial")), "no leftovers after success"
 
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     qlayers = [m for m in reloaded.modules() if isinstance(m, QuantLinear)]
@@ -75,12 +78,13 @@ def test_quantized_perplexity_ordering(tiny_recipe):
 def test_existing_output_is_refused_then_overwritten(tiny_recipe):
     tiny_recipe["eval"] = None
     first = llmq.run(tiny_recipe)
-    stamp = (first.output_dir / "model.safetensors").stat().st_mtime_ns
+    config = first.output_dir / "config.json"
+    stamp = config.stat().st_mtime_ns
     with pytest.raises(BadInputError, match="already exists"):
         llmq.run(tiny_recipe)
-    assert (first.output_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    assert config.stat().st_mtime_ns == stamp
     llmq.run(tiny_recipe, overwrite=True)
-    assert (first.output_dir / "model.safetensors").stat().st_mtime_ns != stamp
+    assert config.stat().st_mtime_ns != stamp
 
 
 def test_group_size_error_names_layer_before_work(tiny_recipe):
@@ -90,36 +94,48 @@ def test_group_size_error_names_layer_before_work(tiny_recipe):
     assert not Path(tiny_recipe["output"]["dir"]).exists()
 
 
-def test_crash_during_save_leaves_nothing_that_loads(tiny_recipe, monkeypatch):
-    from transformers import PreTrainedModel
+def test_crash_while_quantizing_leaves_nothing_that_loads(tiny_recipe, monkeypatch):
+    """A failure after the first block's shard: no output folder; the partial work has no config.json."""
+    from llmq import blockwise
 
-    def boom(self, *a, **k):
-        raise RuntimeError("disk full")
+    writes = []
+    real_save = blockwise._save_atomic
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", boom)
+    def save_then_fail(tensors, path):
+        writes.append(path.name)
+        if len(writes) == 3:  # the rest shard, block 0's shard, then block 1's: disk full
+            raise RuntimeError("disk full")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(blockwise, "_save_atomic", save_then_fail)
     tiny_recipe["eval"] = None
     with pytest.raises(RuntimeError, match="disk full"):
         llmq.run(tiny_recipe)
     out = Path(tiny_recipe["output"]["dir"])
-    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+    assert not out.exists()
+    partial = llmq.io.partial_dir(out)
+    assert not (partial / "config.json").exists(), "unfinished work must never look like a checkpoint"
 
 
-def test_ctrl_c_during_save_leaves_nothing_that_loads(tiny_recipe, tmp_path):
-    """A real SIGINT while save_pretrained is writing: the CLI exits 130 and no output folder exists."""
+def test_ctrl_c_while_quantizing_then_rerun_resumes(tiny_recipe, tmp_path):
+    """A real SIGINT after block 0 is written: the CLI exits 130 and no output folder exists; the rerun resumes
+    at block 1 and produces the same bytes as an uninterrupted run."""
     import yaml
 
     tiny_recipe["eval"] = None
+    tiny_recipe["method"] = {"name": "gptq"}
+    tiny_recipe["calibration"] = {"data": str(_calibration_file(tmp_path)), "n_samples": 4, "seqlen": 32, "batch_size": 2}
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump(tiny_recipe))
     script = f"""
 import os, signal, sys, time
-from transformers import PreTrainedModel
-orig = PreTrainedModel.save_pretrained
-def slow(self, path, *a, **k):
-    orig(self, path, *a, **k)           # the files are fully written into the temporary folder ...
-    os.kill(os.getpid(), signal.SIGINT)  # ... and the user presses Ctrl-C before the rename
+from llmq import blockwise
+orig = blockwise._write_json_atomic
+def slow(obj, path):
+    orig(obj, path)                          # block 0 is finished and recorded ...
+    os.kill(os.getpid(), signal.SIGINT)      # ... and the user presses Ctrl-C
     time.sleep(5)
-PreTrainedModel.save_pretrained = slow
+blockwise._write_json_atomic = slow
 from llmq.cli import main
 sys.exit(main(["run", {str(recipe_path)!r}]))
 """
@@ -127,7 +143,24 @@ sys.exit(main(["run", {str(recipe_path)!r}]))
     assert proc.returncode == 130, proc.stderr
     assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr
     out = Path(tiny_recipe["output"]["dir"])
-    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+    assert not out.exists()
+    partial = llmq.io.partial_dir(out)
+    assert (partial / "llmq-progress.json").exists() and not (partial / "config.json").exists()
+
+    resumed = llmq.run(recipe_path)
+    assert resumed.report["quantization"]["resumed_at_block"] == 1
+    assert not partial.exists()
+    fresh = llmq.run(recipe_path, output_dir=tmp_path / "fresh")
+    for f in sorted(out.glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "fresh" / f.name).read_bytes(), f.name
+
+
+def _calibration_file(folder: Path) -> Path:
+    from conftest import TEXT
+
+    path = folder / "calib.txt"
+    path.write_text(TEXT[::-1] * 2)  # different text from the evaluation corpus
+    return path
 
 
 def _saved_checkpoint(tiny_recipe) -> Path:
@@ -137,7 +170,7 @@ def _saved_checkpoint(tiny_recipe) -> Path:
 
 def test_truncated_safetensors_is_refused(tiny_recipe):
     out = _saved_checkpoint(tiny_recipe)
-    f = out / "model.safetensors"
+    f = out / "model-00002-of-00003.safetensors"  # block 1's shard
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(LlmqError, match="corrupt or truncated"):
@@ -146,7 +179,7 @@ def test_truncated_safetensors_is_refused(tiny_recipe):
 
 def test_corrupt_header_is_refused(tiny_recipe):
     out = _saved_checkpoint(tiny_recipe)
-    f = out / "model.safetensors"
+    f = out / "model-00002-of-00003.safetensors"  # block 1's shard
     data = bytearray(f.read_bytes())
     data[8:40] = b"\x00" * 32
     f.write_bytes(bytes(data))
@@ -158,7 +191,7 @@ def test_missing_layer_tensor_is_refused(tiny_recipe):
     from safetensors.torch import load_file, save_file
 
     out = _saved_checkpoint(tiny_recipe)
-    f = out / "model.safetensors"
+    f = out / "model-00002-of-00003.safetensors"  # block 1's shard
     tensors = load_file(f)
     del tensors["model.layers.1.mlp.down_proj.qweight"]
     save_file(tensors, f, metadata={"format": "pt"})

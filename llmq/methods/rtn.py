@@ -1,39 +1,50 @@
 """Round-to-nearest PTQ: each weight to its nearest level under min-max (or MSE-searched) group qparams.
 
 No data, no model forward: the baseline every other method must beat, and the fastest path to a checkpoint.
+`layer_qparams` is also how GPTQ chooses the qparams of each group, so both methods clip the same way.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import numerics
 from ..numerics import QWeight, Scheme
 from ..recipe import MethodConfig
+from .job import BlockJob
 
 
-def quantize_weight(w: torch.Tensor, scheme: Scheme, method: MethodConfig, scale_dtype: torch.dtype) -> QWeight:
-    """RTN one weight [out, in] as the recipe's method section says; scales are rounded to the storage dtype
-    before the codes are chosen."""
+def layer_qparams(
+    w: torch.Tensor, scheme: Scheme, method: MethodConfig, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zero points of w [out, in] per the recipe's clipping, with scales rounded to the dtype they are
+    stored in (what is stored is what the codes must fit; a tiny scale never rounds to zero in fp16 / bf16)."""
     if method.clip == "mse":
         scales, zeros = numerics.mse_qparams(
             w, scheme, grid=method.clip_grid, max_shrink=method.clip_max_shrink, norm=method.clip_norm
         )
     else:
         scales, zeros = numerics.minmax_qparams(w, scheme)
-    # what is stored is what the codes must fit; never let a tiny scale round to zero in fp16 / bf16
-    scales = scales.to(scale_dtype).float().clamp_min(torch.finfo(scale_dtype).tiny)
+    return scales.to(scale_dtype).float().clamp_min(torch.finfo(scale_dtype).tiny), zeros
+
+
+def quantize_weight(w: torch.Tensor, scheme: Scheme, method: MethodConfig, scale_dtype: torch.dtype) -> QWeight:
+    """RTN one weight [out, in] as the recipe's method section says."""
+    scales, zeros = layer_qparams(w, scheme, method, scale_dtype)
     return numerics.quantize(w, scheme, scales, zeros)
 
 
-def rtn(
-    model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme, method: MethodConfig, scale_dtype: torch.dtype, calibration=None
-) -> dict[str, QWeight]:
-    """{name: QWeight} for every targeted Linear layer; RTN needs neither the rest of the model nor data."""
+def rtn_block(block: nn.Module, names: list[str], job: BlockJob) -> dict[str, QWeight]:
+    """{name: QWeight} for the named Linear layers of `block`; RTN needs neither the forward pass nor data."""
     out = {}
     with torch.no_grad():
-        for name, layer in tqdm(layers.items(), desc=f"RTN W{scheme.bits}", unit="layer", leave=False):
-            out[name] = quantize_weight(layer.weight.data, scheme, method, scale_dtype)
+        for name in names:
+            t = time.perf_counter()
+            w = block.get_submodule(name).weight.data
+            out[name] = quantize_weight(w, job.scheme, job.config, job.scale_dtype)
+            err = (numerics.dequantize(out[name], job.scheme) - w.float()).pow(2).mean().item()
+            job.log({"layer": name, "method": "rtn", "weight_mse": err, "seconds": time.perf_counter() - t})
     return out

@@ -1,0 +1,328 @@
+"""Quantize a model one decoder block at a time, from memory or straight from its safetensors files on disk.
+
+`quantize_checkpoint` is what `llmq run` uses: the model is built on the meta device, and only the current
+block (and the calibration activations flowing through it) is ever materialized, read lazily from the base
+checkpoint's safetensors files — so the largest model llmq can quantize is bounded by disk, not by RAM or VRAM.
+Each finished block is written as its own safetensors shard, with the activations it produced and a small
+progress file, so a killed run resumes at the next block and ends with the same bytes as an uninterrupted
+one. `quantize_model` runs the same walk over a model already in memory (the Python API).
+
+Methods (methods/) decide what each block's Linear layers become; calibration.py captures and feeds the
+activations; this file only walks, loads, writes and resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import numerics
+from .calibration import BlockInputs, capture_inputs, decoder_blocks, linear_clusters
+from .errors import LlmqError
+from .methods import METHODS, BlockJob
+from .methods.rtn import rtn_block
+from .modules import targeted_linears
+from .numerics import QWeight, Scheme
+from .recipe import Recipe, check_against_layers
+
+PROGRESS = "llmq-progress.json"
+ACTIVATIONS = "llmq-activations.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+@dataclass
+class QuantizeSummary:
+    layers: list[str]  # full names of the quantized Linear layers
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per layer: block, layer, method, loss, damp, seconds
+    has_g_idx: bool = False
+    resumed_at_block: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Plan:
+    prefix: str  # qualified name of the decoder block list, e.g. "model.layers"
+    blocks: nn.ModuleList
+    per_block: list[list[str]]  # targeted Linear names inside each block, relative to the block
+    outside: list[str]  # targeted Linear layers outside the blocks (quantized with RTN: no activations reach them)
+    has_g_idx: bool
+
+
+def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
+    layers = targeted_linears(model, recipe.targets, recipe.ignore)
+    check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
+    prefix, blocks = decoder_blocks(model)
+    per_block = [[n.removeprefix(f"{prefix}.{i}.") for n in layers if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
+    outside = [n for n in layers if not n.startswith(f"{prefix}.")]
+    m = recipe.method
+    has_g_idx = m.name == "gptq" and m.act_order and not m.static_groups and recipe.scheme.group_size is not None
+    return _Plan(prefix, blocks, per_block, outside, has_g_idx)
+
+
+def _batches(calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return list(torch.split(calibration, batch_size))
+
+
+def _job(recipe: Recipe, scale_dtype: torch.dtype, inputs, clusters, rows: list, block: str, log) -> BlockJob:
+    def record(row: dict[str, Any]) -> None:
+        row = {"block": block, **row}
+        rows.append(row)
+        log(row)
+
+    return BlockJob(recipe.scheme.to_scheme(), recipe.method, scale_dtype, inputs, clusters, record)
+
+
+def _with_default_g_idx(qweights: dict[str, QWeight], scheme: Scheme) -> dict[str, QWeight]:
+    """When the checkpoint stores g_idx, every layer needs one; layers quantized without act order get the trivial one."""
+    return {
+        n: qw if qw.g_idx is not None else qw._replace(g_idx=numerics.default_g_idx(qw.q.shape[1], scheme, qw.q.device))
+        for n, qw in qweights.items()
+    }
+
+
+# ------------------------------------------------------------------------------------------- in memory
+
+
+def quantize_model(
+    model: nn.Module, recipe: Recipe, scale_dtype: torch.dtype, calibration: torch.Tensor | None = None, log=lambda row: None
+) -> tuple[dict[str, QWeight], QuantizeSummary]:
+    """Walk a model already in memory block by block; returns {full layer name: QWeight}. Calibrating methods
+    leave the dequantized weights in the model's Linear layers (the caller swaps them for QuantLinear)."""
+    t0 = time.perf_counter()
+    plan, method = _plan(model, recipe), METHODS[recipe.method.name]
+    summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx)
+    inputs = clusters = None
+    if method.needs_calibration:
+        if calibration is None:
+            raise LlmqError(f"method {recipe.method.name} needs calibration token windows")
+        device = next(model.parameters()).device
+        inputs = capture_inputs(model, plan.blocks[0], _batches(calibration, recipe.calibration.batch_size), device)
+        clusters = linear_clusters(plan.blocks[0], inputs)
+    qweights: dict[str, QWeight] = {}
+    for i, block in enumerate(tqdm(plan.blocks, desc=f"{recipe.method.name} blocks", unit="block", leave=False)):
+        job = _job(recipe, scale_dtype, inputs, clusters, summary.rows, str(i), log)
+        for name, qw in method.quantize_block(block, plan.per_block[i], job).items():
+            qweights[f"{plan.prefix}.{i}.{name}"] = qw
+        if inputs is not None and i + 1 < len(plan.blocks):
+            inputs = inputs.with_hidden(inputs.forward(block))
+    if plan.outside:
+        qweights.update(rtn_block(model, plan.outside, _job(recipe, scale_dtype, None, None, summary.rows, "-", log)))
+    if plan.has_g_idx:
+        qweights = _with_default_g_idx(qweights, recipe.scheme.to_scheme())
+    summary.layers = list(qweights)
+    summary.seconds = time.perf_counter() - t0
+    return qweights, summary
+
+
+# ------------------------------------------------------------------------------------------------ on disk
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint (one file or sharded with an index), read one at a time on demand."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / "model.safetensors").is_file():
+            with safe_open(self.folder / "model.safetensors", framework="pt") as fh:
+                weight_map = {k: "model.safetensors" for k in fh.keys()}
+        else:
+            raise LlmqError(f"{self.folder}: no model.safetensors or {INDEX} (block-by-block quantization reads safetensors)")
+        self.weight_map = weight_map
+        self._files: dict[str, Any] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.weight_map:
+            raise LlmqError(f"{self.folder}: the checkpoint has no tensor {key!r} that the model needs")
+        name = self.weight_map[key]
+        if name not in self._files:
+            try:
+                self._files[name] = safe_open(self.folder / name, framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise LlmqError(f"{self.folder / name}: unreadable safetensors file ({e})") from None
+        return self._files[name].get_tensor(key)
+
+    def materialize(self, module: nn.Module, prefix: str, keys: list[str], device) -> None:
+        """Replace the meta tensors `keys` (relative to `module`) with the checkpoint's, in fp32 on `device`."""
+        sd = {}
+        for k in keys:
+            t = self.get(prefix + k)
+            sd[k] = t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
+        module.load_state_dict(sd, strict=False, assign=True)
+
+
+def _unique_state_keys(module: nn.Module, skip_prefix: str | None = None) -> list[str]:
+    """state_dict keys of `module`, tied tensors once (the first name, as save_pretrained keeps it)."""
+    seen, keys = set(), []
+    for k, t in module.state_dict(keep_vars=True).items():
+        if skip_prefix is not None and k.startswith(skip_prefix):
+            continue
+        if id(t) not in seen:
+            seen.add(id(t))
+            keys.append(k)
+    return keys
+
+
+def _shard_tensors(
+    module: nn.Module, prefix: str, keys: list[str], qweights: dict[str, QWeight], scheme: Scheme, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """What one shard holds: packed tensors for the quantized layers, everything else with floating parameters
+    cast to `dtype` (buffers keep theirs), as save_pretrained would write them."""
+    params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    tensors = {}
+    state = module.state_dict()
+    for k in keys:
+        layer, _, leaf = k.rpartition(".")
+        if layer in qweights and leaf == "weight":
+            continue
+        t = state[k]
+        tensors[prefix + k] = (t.to(dtype) if k in params and t.is_floating_point() else t).detach().cpu().contiguous()
+    for layer, qw in qweights.items():
+        for leaf, t in numerics.pack_qweight(qw, scheme, dtype).items():
+            tensors[f"{prefix}{layer}.{leaf}"] = t.cpu().contiguous()
+    return tensors
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def run_key(recipe: Recipe, base_dir: Path) -> str:
+    """What a resumable partial run must match: the recipe (content hash) and the base model folder."""
+    return f"{recipe.hash()}:{Path(base_dir).resolve()}"
+
+
+def quantize_checkpoint(
+    recipe: Recipe,
+    base_dir: Path,
+    work: Path,
+    scale_dtype: torch.dtype,
+    calibration: torch.Tensor | None = None,
+    log: Callable[[dict[str, Any]], None] = lambda row: None,
+    say: Callable[[str], None] = lambda msg: None,
+    device: str | torch.device | None = None,
+) -> QuantizeSummary:
+    """Quantize the checkpoint in `base_dir` block by block into the folder `work` (shards + index + config.json).
+
+    `work` may hold an interrupted run of the same recipe: finished blocks are kept and the walk resumes at the
+    next one from the saved activations. Anything else found there is an error, never silently reused.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import __version__
+    from .hf import LlmqConfig
+
+    t0 = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = AutoConfig.from_pretrained(base_dir)
+    with init_empty_weights():  # parameters on meta; computed buffers (rotary inv_freq) stay real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.tie_weights()  # init_empty_weights leaves tied embeddings as two meta tensors
+    plan, method, scheme = _plan(model, recipe), METHODS[recipe.method.name], recipe.scheme.to_scheme()
+    reader = CheckpointReader(base_dir)
+    n_blocks = len(plan.blocks)
+    n_shards = n_blocks + 1
+    key = run_key(recipe, base_dir)
+
+    work.mkdir(parents=True, exist_ok=True)
+    progress_path = work / PROGRESS
+    done = 0
+    if progress_path.is_file():
+        progress = json.loads(progress_path.read_text())
+        if progress.get("run") != key:
+            raise LlmqError(f"{work} holds an interrupted run of a different recipe or model; remove it to start over")
+        done = int(progress["blocks_done"])
+        say(f"resuming at block {done} of {n_blocks} from {work}")
+    elif any(work.iterdir()):
+        raise LlmqError(f"{work} is not empty and holds no llmq progress file; remove it to start over")
+
+    # the modules outside the blocks: embeddings first (to capture the first block's inputs), written as the last shard
+    rest_keys = _unique_state_keys(model, skip_prefix=f"{plan.prefix}.")
+    reader.materialize(model, "", rest_keys, device)
+    inputs = clusters = None
+    if method.needs_calibration:
+        if calibration is None:
+            raise LlmqError(f"method {recipe.method.name} needs calibration token windows")
+        inputs = capture_inputs(model, plan.blocks[0], _batches(calibration, recipe.calibration.batch_size), device)
+        if done > 0:
+            saved = load_file(work / ACTIVATIONS, device=str(device))
+            inputs = inputs.with_hidden([saved[f"batch.{j}"] for j in range(len(inputs.hidden))])
+    summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, resumed_at_block=done)
+    outside_q = {}
+    if plan.outside:
+        outside_q = rtn_block(model, plan.outside, _job(recipe, scale_dtype, None, None, summary.rows, "-", log))
+        if plan.has_g_idx:
+            outside_q = _with_default_g_idx(outside_q, scheme)
+        summary.layers += list(outside_q)
+    _save_atomic(_shard_tensors(model, "", rest_keys, outside_q, scheme, scale_dtype), work / shard_name(n_blocks, n_shards))
+    model.to("meta")  # embeddings are not needed again
+
+    weight_map = {}
+    for i in tqdm(range(n_blocks), desc=f"{recipe.method.name} blocks", unit="block", initial=done, total=n_blocks):
+        block, prefix = plan.blocks[i], f"{plan.prefix}.{i}."
+        block_keys = _unique_state_keys(block)
+        if i < done:  # finished by an earlier, interrupted run
+            with safe_open(work / shard_name(i, n_shards), framework="pt") as fh:
+                weight_map.update({k: shard_name(i, n_shards) for k in fh.keys()})
+            summary.layers += [prefix + n for n in plan.per_block[i]]
+            continue
+        reader.materialize(block, prefix, block_keys, device)
+        if clusters is None and inputs is not None:
+            clusters = linear_clusters(block, inputs)
+        job = _job(recipe, scale_dtype, inputs, clusters, summary.rows, str(i), log)
+        qweights = method.quantize_block(block, plan.per_block[i], job)
+        if plan.has_g_idx:
+            qweights = _with_default_g_idx(qweights, scheme)
+        tensors = _shard_tensors(block, prefix, block_keys, qweights, scheme, scale_dtype)
+        _save_atomic(tensors, work / shard_name(i, n_shards))
+        weight_map.update({k: shard_name(i, n_shards) for k in tensors})
+        summary.layers += [prefix + n for n in qweights]
+        if inputs is not None and i + 1 < n_blocks:
+            inputs = inputs.with_hidden(inputs.forward(block))
+            _save_atomic({f"batch.{j}": h.contiguous().cpu() for j, h in enumerate(inputs.hidden)}, work / ACTIVATIONS)
+        _write_json_atomic({"run": key, "blocks_done": i + 1, "n_blocks": n_blocks}, progress_path)
+        block.to("meta")
+
+    with safe_open(work / shard_name(n_blocks, n_shards), framework="pt") as fh:
+        weight_map.update({k: shard_name(n_blocks, n_shards) for k in fh.keys()})
+    total = sum((work / f).stat().st_size for f in set(weight_map.values()))
+    _write_json_atomic({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, work / INDEX)
+    config.quantization_config = LlmqConfig(
+        bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric, format=scheme.format,
+        targets=recipe.targets, ignore=recipe.ignore, g_idx=plan.has_g_idx, llmq_version=__version__,
+    )
+    config.dtype = scale_dtype
+    config.save_pretrained(work)
+    if (base_dir / "generation_config.json").is_file():
+        (work / "generation_config.json").write_bytes((base_dir / "generation_config.json").read_bytes())
+    for f in (ACTIVATIONS, PROGRESS):
+        (work / f).unlink(missing_ok=True)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+

@@ -1,0 +1,27 @@
+"""What a method is handed for one decoder block: the scheme, the recipe's method section, and (for methods
+that need data) the calibration activations entering the block. One small dataclass, so method signatures stay
+short and every method sees the same things."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..numerics import Scheme
+from ..recipe import MethodConfig
+
+if TYPE_CHECKING:
+    from ..calibration import BlockInputs
+
+
+@dataclass
+class BlockJob:
+    scheme: Scheme
+    config: MethodConfig
+    scale_dtype: torch.dtype
+    inputs: BlockInputs | None = None  # calibration activations entering this block (None for data-free methods)
+    clusters: list[list[str]] | None = None  # the block's Linear layers in call order, grouped by shared input
+    log: Callable[[dict[str, Any]], None] = field(default=lambda row: None)  # one row per quantized layer
