@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import numerics
-from .calibration import BlockInputs, capture_inputs, decoder_blocks, linear_clusters
+from . import memory, numerics
+from .calibration import capture_inputs, decoder_blocks, linear_clusters
 from .errors import LlmqError
 from .methods import METHODS, BlockJob
 from .methods.rtn import rtn_block
@@ -142,25 +143,26 @@ class CheckpointReader:
         else:
             raise LlmqError(f"{self.folder}: no model.safetensors or {INDEX} (block-by-block quantization reads safetensors)")
         self.weight_map = weight_map
-        self._files: dict[str, Any] = {}
-
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self.weight_map:
-            raise LlmqError(f"{self.folder}: the checkpoint has no tensor {key!r} that the model needs")
-        name = self.weight_map[key]
-        if name not in self._files:
-            try:
-                self._files[name] = safe_open(self.folder / name, framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise LlmqError(f"{self.folder / name}: unreadable safetensors file ({e})") from None
-        return self._files[name].get_tensor(key)
 
     def materialize(self, module: nn.Module, prefix: str, keys: list[str], device) -> None:
-        """Replace the meta tensors `keys` (relative to `module`) with the checkpoint's, in fp32 on `device`."""
-        sd = {}
+        """Replace the meta tensors `keys` (relative to `module`) with the checkpoint's, in fp32 on `device`.
+
+        Each file is opened for the read and closed right after: safetensors maps files into memory, and pages of
+        a mapping that stays open count towards (and would slowly fill) this process's resident memory."""
+        by_file: dict[str, list[str]] = {}
         for k in keys:
-            t = self.get(prefix + k)
-            sd[k] = t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
+            if prefix + k not in self.weight_map:
+                raise LlmqError(f"{self.folder}: the checkpoint has no tensor {prefix + k!r} that the model needs")
+            by_file.setdefault(self.weight_map[prefix + k], []).append(k)
+        sd = {}
+        for name, file_keys in by_file.items():
+            try:
+                with safe_open(self.folder / name, framework="pt") as fh:
+                    for k in file_keys:
+                        t = fh.get_tensor(prefix + k)
+                        sd[k] = t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+            except (SafetensorError, OSError) as e:
+                raise LlmqError(f"{self.folder / name}: unreadable safetensors file ({e})") from None
         module.load_state_dict(sd, strict=False, assign=True)
 
 
@@ -208,6 +210,15 @@ def _write_json_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _finish_block(work: Path, shard: str, tensors: dict, activations: dict | None, progress: dict) -> None:
+    """Make a finished block durable: its shard, the activations the next block starts from, then the progress
+    record that points at both (a crash between the steps only means redoing this block)."""
+    _save_atomic(tensors, work / shard)
+    if activations is not None:
+        _save_atomic(activations, work / ACTIVATIONS)
+    _write_json_atomic(progress, work / PROGRESS)
+
+
 def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
@@ -239,6 +250,7 @@ def quantize_checkpoint(
     from .hf import LlmqConfig
 
     t0 = time.perf_counter()
+    memory.trim()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = AutoConfig.from_pretrained(base_dir)
     with init_empty_weights():  # parameters on meta; computed buffers (rotary inv_freq) stay real
@@ -282,32 +294,43 @@ def quantize_checkpoint(
         summary.layers += list(outside_q)
     _save_atomic(_shard_tensors(model, "", rest_keys, outside_q, scheme, scale_dtype), work / shard_name(n_blocks, n_shards))
     model.to("meta")  # embeddings are not needed again
+    memory.trim()
 
     weight_map = {}
-    for i in tqdm(range(n_blocks), desc=f"{recipe.method.name} blocks", unit="block", initial=done, total=n_blocks):
-        block, prefix = plan.blocks[i], f"{plan.prefix}.{i}."
-        block_keys = _unique_state_keys(block)
-        if i < done:  # finished by an earlier, interrupted run
-            with safe_open(work / shard_name(i, n_shards), framework="pt") as fh:
-                weight_map.update({k: shard_name(i, n_shards) for k in fh.keys()})
-            summary.layers += [prefix + n for n in plan.per_block[i]]
-            continue
-        reader.materialize(block, prefix, block_keys, device)
-        if clusters is None and inputs is not None:
-            clusters = linear_clusters(block, inputs)
-        job = _job(recipe, scale_dtype, inputs, clusters, summary.rows, str(i), log)
-        qweights = method.quantize_block(block, plan.per_block[i], job)
-        if plan.has_g_idx:
-            qweights = _with_default_g_idx(qweights, scheme)
-        tensors = _shard_tensors(block, prefix, block_keys, qweights, scheme, scale_dtype)
-        _save_atomic(tensors, work / shard_name(i, n_shards))
-        weight_map.update({k: shard_name(i, n_shards) for k in tensors})
-        summary.layers += [prefix + n for n in qweights]
-        if inputs is not None and i + 1 < n_blocks:
-            inputs = inputs.with_hidden(inputs.forward(block))
-            _save_atomic({f"batch.{j}": h.contiguous().cpu() for j, h in enumerate(inputs.hidden)}, work / ACTIVATIONS)
-        _write_json_atomic({"run": key, "blocks_done": i + 1, "n_blocks": n_blocks}, progress_path)
-        block.to("meta")
+    # finished blocks are written by one background thread (shard, then activations, then progress, in that order)
+    # while the next block computes; leaving the `with` waits for the last write, also on Ctrl-C
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for i in tqdm(range(n_blocks), desc=f"{recipe.method.name} blocks", unit="block", initial=done, total=n_blocks):
+            block, prefix = plan.blocks[i], f"{plan.prefix}.{i}."
+            block_keys = _unique_state_keys(block)
+            if i < done:  # finished by an earlier, interrupted run
+                with safe_open(work / shard_name(i, n_shards), framework="pt") as fh:
+                    weight_map.update({k: shard_name(i, n_shards) for k in fh.keys()})
+                summary.layers += [prefix + n for n in plan.per_block[i]]
+                continue
+            reader.materialize(block, prefix, block_keys, device)
+            if clusters is None and inputs is not None:
+                clusters = linear_clusters(block, inputs)
+            job = _job(recipe, scale_dtype, inputs, clusters, summary.rows, str(i), log)
+            qweights = method.quantize_block(block, plan.per_block[i], job)
+            if plan.has_g_idx:
+                qweights = _with_default_g_idx(qweights, scheme)
+            tensors = _shard_tensors(block, prefix, block_keys, qweights, scheme, scale_dtype)
+            weight_map.update({k: shard_name(i, n_shards) for k in tensors})
+            summary.layers += [prefix + n for n in qweights]
+            activations = None
+            if inputs is not None and i + 1 < n_blocks:
+                inputs = inputs.with_hidden(inputs.forward(block))
+                activations = {f"batch.{j}": h.cpu() for j, h in enumerate(inputs.hidden)}
+            block.to("meta")
+            if pending is not None:
+                pending.result()
+            progress = {"run": key, "blocks_done": i + 1, "n_blocks": n_blocks}
+            pending = writer.submit(_finish_block, work, shard_name(i, n_shards), tensors, activations, progress)
+            memory.trim()
+        if pending is not None:
+            pending.result()
 
     with safe_open(work / shard_name(n_blocks, n_shards), framework="pt") as fh:
         weight_map.update({k: shard_name(n_blocks, n_shards) for k in fh.keys()})

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import data
+from . import data, memory
 from .errors import BadInputError
 from .recipe import CalibrationConfig
 
@@ -30,7 +30,10 @@ from .recipe import CalibrationConfig
 def calibration_batches(cfg: CalibrationConfig, tokenizer) -> torch.Tensor:
     """[n_samples, seqlen] token windows of the calibration corpus, drawn with the recipe's seed."""
     ids = data.tokenize_corpus(tokenizer, data.load_text(cfg.data))
-    return data.calibration_windows(ids, cfg.n_samples, cfg.seqlen, cfg.seed)
+    windows = data.calibration_windows(ids, cfg.n_samples, cfg.seqlen, cfg.seed)
+    del ids
+    memory.trim()  # the tokenizer's working memory for a whole corpus is large and no longer needed
+    return windows
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import yaml
-
 from rich.console import Console
 
 from . import blockwise, calibration, data, models, report

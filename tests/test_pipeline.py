@@ -103,7 +103,7 @@ def test_crash_while_quantizing_leaves_nothing_that_loads(tiny_recipe, monkeypat
 
     def save_then_fail(tensors, path):
         writes.append(path.name)
-        if len(writes) == 3:  # the rest shard, block 0's shard, then block 1's: disk full
+        if len(writes) == 3:  # the rest shard, block 0's shard, then its activations: disk full
             raise RuntimeError("disk full")
         real_save(tensors, path)
 
@@ -150,7 +150,7 @@ sys.exit(main(["run", {str(recipe_path)!r}]))
     resumed = llmq.run(recipe_path)
     assert resumed.report["quantization"]["resumed_at_block"] == 1
     assert not partial.exists()
-    fresh = llmq.run(recipe_path, output_dir=tmp_path / "fresh")
+    llmq.run(recipe_path, output_dir=tmp_path / "fresh")
     for f in sorted(out.glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "fresh" / f.name).read_bytes(), f.name
 

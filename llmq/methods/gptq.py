@@ -40,11 +40,20 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        m = x.shape[0]
+        m, k = x.shape
         self.H *= self.n / (self.n + m)
         self.n += m
         x = x * math.sqrt(2 / self.n)
-        self.H.addmm_(x.t(), x)
+        if k < 512:
+            self.H.addmm_(x.t(), x)
+            return
+        # H is symmetric: compute the two diagonal blocks and one off-diagonal block (3/4 of the work)
+        a, b = slice(0, k // 2), slice(k // 2, k)
+        self.H[a, a].addmm_(x[:, a].t(), x[:, a])
+        self.H[b, b].addmm_(x[:, b].t(), x[:, b])
+        off = x[:, a].t() @ x[:, b]
+        self.H[a, b] += off
+        self.H[b, a] += off.t()
 
 
 def inverse_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -105,7 +114,7 @@ def gptq_quantize(
     for i1 in range(0, K, bs):
         i2 = min(i1 + bs, K)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
@@ -118,12 +127,12 @@ def gptq_quantize(
                 s, z = gs_s[:, 0], numerics.zero_values(gs_z, gs_s, scheme)[:, 0]
             wcol = W1[:, i]
             q = numerics.round_to_grid(wcol, s, z, scheme.maxq)
-            d = Hinv1[i, i]
-            err = (wcol - numerics.from_grid(q, s, z)) / d
-            loss += err.double().pow(2).sum() / 2
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Q[:, col] = q.to(torch.uint8)
+            err = (wcol - numerics.from_grid(q, s, z)) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # the error, spread over the block's remaining columns
+            Q1[:, i] = q
             Err1[:, i] = err
+        Q[:, i1:i2] = Q1.to(torch.uint8)
+        loss += Err1.double().pow(2).sum() / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     g_idx = None
@@ -155,7 +164,7 @@ def gptq_block(block: nn.Module, names: list[str], job: BlockJob) -> dict[str, Q
     wanted = set(names)
     clusters = [[n for n in c if n in wanted] for c in job.clusters]
     clusters = [c for c in clusters if c]
-    passes = clusters if job.config.true_sequential else [sum(clusters, [])]
+    passes = clusters if job.config.true_sequential else [[n for c in clusters for n in c]]
     passes = [[c for c in clusters if c[0] in p] for p in passes]
     out: dict[str, QWeight] = {}
     for pass_clusters in passes:

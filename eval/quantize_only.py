@@ -1,0 +1,82 @@
+"""Quantize a recipe's model and nothing else, in this process, and print wall time and peak RSS as JSON.
+
+Used by eval/gptq_bench.py in a fresh subprocess per recipe, so peak RSS is that of quantizing alone (model
+resolution and tokenizing the calibration text happen first and are timed separately; no evaluation).
+
+    python eval/quantize_only.py RECIPE OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from llmq import blockwise, calibration, models
+from llmq.io import partial_dir
+from llmq.pipeline import DTYPES, as_recipe
+
+
+class RssSampler(threading.Thread):
+    """Peak resident memory of this process over a stretch of time (VmRSS sampled every 20 ms)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.stop = 0, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.join()
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main(recipe_path: str, out: str) -> dict:
+    recipe = as_recipe(recipe_path)
+    t = time.perf_counter()
+    base = models.resolve(recipe.model)
+    tokenizer = models.load_tokenizer(base)
+    calib = calibration.calibration_batches(recipe.calibration, tokenizer) if recipe.method.name != "rtn" else None
+    prepare_s = time.perf_counter() - t
+    work = partial_dir(Path(out))
+    shutil.rmtree(work, ignore_errors=True)
+    rss_start = rss_bytes()
+    sampler = RssSampler()
+    sampler.start()
+    try:
+        summary = blockwise.quantize_checkpoint(recipe, base, work, DTYPES[recipe.output.dtype], calib)
+    finally:
+        sampler.__exit__()
+    tokenizer.save_pretrained(work)
+    shutil.rmtree(out, ignore_errors=True)
+    work.rename(out)
+    return {
+        "recipe": recipe_path,
+        "threads": torch.get_num_threads(),
+        "prepare_s": round(prepare_s, 2),
+        "quantize_s": round(summary.seconds, 2),
+        "rss_gb_at_start_of_quantize": round(rss_start / 2**30, 3),
+        "peak_rss_gb_while_quantizing": round(sampler.peak / 2**30, 3),
+        "peak_rss_gb_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "layers": len(summary.layers),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], sys.argv[2])))
