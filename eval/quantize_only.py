@@ -8,6 +8,7 @@ resolution and tokenizing the calibration text happen first and are timed separa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import shutil
@@ -75,7 +76,17 @@ def main(recipe_path: str, out: str) -> dict:
         "peak_rss_gb_while_quantizing": round(sampler.peak / 2**30, 3),
         "peak_rss_gb_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "layers": len(summary.layers),
+        "weights_sha256": weights_digest(Path(out)),
     }
+
+
+def weights_digest(folder: Path) -> str:
+    """One sha256 over every safetensors shard in name order: equal digests mean byte-identical weights."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 if __name__ == "__main__":

@@ -110,8 +110,13 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch
     hidden, extras = [], []
 
     def grab(module, args, kwargs):
-        hidden.append(args[0])
-        extras.append((tuple(args[1:]), dict(kwargs)))
+        kwargs = dict(kwargs)
+        if args:
+            hidden.append(args[0])
+            extras.append((tuple(args[1:]), kwargs))
+        else:  # some models pass the hidden states by keyword; later calls pass them first, positionally
+            hidden.append(kwargs.pop("hidden_states"))
+            extras.append(((), kwargs))
         raise _Stop
 
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)

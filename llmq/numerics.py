@@ -77,14 +77,22 @@ def minmax_qparams(w: Tensor, scheme: Scheme, shrink: float | Tensor = 1.0) -> t
 
     Returns (scales [out, n_groups] fp32, zeros [out, n_groups] int32 or None when symmetric).
     """
-    wg = _per_group(w.float(), scheme)
+    return _range_qparams(_group_range(_per_group(w.float(), scheme), scheme), scheme, shrink)
+
+
+def _group_range(wg: Tensor, scheme: Scheme) -> tuple[Tensor, Tensor]:
+    """(low, high) of each group of wg [out, G, gs]: (-, absmax) when symmetric, else (min(w, 0), max(w, 0))."""
     if scheme.symmetric:
-        absmax = wg.abs().amax(dim=-1) * shrink
-        scales = 2 * absmax / scheme.maxq
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-        return scales, None
-    xmin = wg.amin(dim=-1).clamp(max=0) * shrink
-    xmax = wg.amax(dim=-1).clamp(min=0) * shrink
+        return wg.abs().amax(dim=-1), wg.abs().amax(dim=-1)
+    return wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+
+
+def _range_qparams(rng: tuple[Tensor, Tensor], scheme: Scheme, shrink: float | Tensor) -> tuple[Tensor, Tensor | None]:
+    low, high = rng
+    if scheme.symmetric:
+        scales = 2 * (high * shrink) / scheme.maxq
+        return torch.where(scales > 0, scales, torch.ones_like(scales)), None
+    xmin, xmax = low * shrink, high * shrink
     scales = (xmax - xmin) / scheme.maxq
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     zeros = torch.round(-xmin / scales).clamp(0, scheme.maxq).to(torch.int32)
@@ -172,10 +180,11 @@ def mse_qparams(
     best_scales, best_zeros = [], []
     for rows in torch.split(w.float(), row_chunk, dim=0):
         wg = _per_group(rows, scheme)
-        best_err = torch.full(wg.shape[:2], float("inf"))
-        b_s, b_z = minmax_qparams(rows, scheme)
+        rng = _group_range(wg, scheme)  # once: each candidate only scales it
+        best_err = torch.full(wg.shape[:2], float("inf"), device=w.device)
+        b_s, b_z = _range_qparams(rng, scheme, 1.0)
         for p in shrinks:
-            s, z = minmax_qparams(rows, scheme, shrink=p)
+            s, z = _range_qparams(rng, scheme, p)
             zv = zero_values(z, s, scheme).unsqueeze(-1)
             q = round_to_grid(wg, s.unsqueeze(-1), zv, scheme.maxq)
             err = (from_grid(q, s.unsqueeze(-1), zv) - wg).abs().pow(norm).sum(dim=-1)

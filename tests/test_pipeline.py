@@ -40,7 +40,7 @@ def test_run_save_reload_identical_logits(tiny_recipe, scheme, clip):
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "report.json", "README.md", "recipe.yaml"} <= files
     assert {"model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"} <= files  # 2 blocks + the rest
-    assert not {"llmq-progress.json", "llmq-activations.safetensors"} & files
+    assert not {"llmq-progress.json", "llmq-activations.pt"} & files
     assert not list(out.parent.glob(".*tmp*")) and not list(out.parent.glob(".*partial")), "no leftovers after success"
 
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -103,7 +103,7 @@ def test_crash_while_quantizing_leaves_nothing_that_loads(tiny_recipe, monkeypat
 
     def save_then_fail(tensors, path):
         writes.append(path.name)
-        if len(writes) == 3:  # the rest shard, block 0's shard, then its activations: disk full
+        if len(writes) == 3:  # the rest shard, block 0's shard, then block 1's: disk full
             raise RuntimeError("disk full")
         real_save(tensors, path)
 
