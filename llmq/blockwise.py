@@ -250,9 +250,6 @@ def quantize_checkpoint(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from . import __version__
-    from .hf import LlmqConfig
-
     t0 = time.perf_counter()
     memory.trim()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -266,17 +263,9 @@ def quantize_checkpoint(
     n_shards = n_blocks + 1
     key = run_key(recipe, base_dir)
 
-    work.mkdir(parents=True, exist_ok=True)
-    progress_path = work / PROGRESS
-    done = 0
-    if progress_path.is_file():
-        progress = json.loads(progress_path.read_text())
-        if progress.get("run") != key:
-            raise LlmqError(f"{work} holds an interrupted run of a different recipe or model; remove it to start over")
-        done = int(progress["blocks_done"])
+    done = _blocks_done(work, key)
+    if done:
         say(f"resuming at block {done} of {n_blocks} from {work}")
-    elif any(work.iterdir()):
-        raise LlmqError(f"{work} is not empty and holds no llmq progress file; remove it to start over")
 
     # the modules outside the blocks: embeddings first (to capture the first block's inputs), written as the last shard
     rest_keys = _unique_state_keys(model, skip_prefix=f"{plan.prefix}.")
@@ -303,18 +292,18 @@ def quantize_checkpoint(
     memory.trim()
 
     weight_map = {}
+    for i in range(done):  # finished by an earlier, interrupted run
+        with safe_open(work / shard_name(i, n_shards), framework="pt") as fh:
+            weight_map.update(dict.fromkeys(fh.keys(), shard_name(i, n_shards)))
+        summary.layers += [f"{plan.prefix}.{i}.{n}" for n in plan.per_block[i]]
     # finished blocks are written by one background thread (shard, then activations, then progress, in that order)
     # while the next block computes; leaving the `with` waits for the last write, also on Ctrl-C
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
-        for i in tqdm(range(n_blocks), desc=f"{recipe.method.name} blocks", unit="block", initial=done, total=n_blocks):
+        blocks = range(done, n_blocks)
+        for i in tqdm(blocks, desc=f"{recipe.method.name} blocks", unit="block", initial=done, total=n_blocks):
             block, prefix = plan.blocks[i], f"{plan.prefix}.{i}."
             block_keys = _unique_state_keys(block)
-            if i < done:  # finished by an earlier, interrupted run
-                with safe_open(work / shard_name(i, n_shards), framework="pt") as fh:
-                    weight_map.update({k: shard_name(i, n_shards) for k in fh.keys()})
-                summary.layers += [prefix + n for n in plan.per_block[i]]
-                continue
             reader.materialize(block, prefix, block_keys, device)
             if clusters is None and inputs is not None:
                 clusters = linear_clusters(block, inputs)
@@ -323,7 +312,7 @@ def quantize_checkpoint(
             if plan.has_g_idx:
                 qweights = _with_default_g_idx(qweights, scheme)
             tensors = _shard_tensors(block, prefix, block_keys, qweights, scheme, scale_dtype)
-            weight_map.update({k: shard_name(i, n_shards) for k in tensors})
+            weight_map.update(dict.fromkeys(tensors, shard_name(i, n_shards)))
             summary.layers += [prefix + n for n in qweights]
             activations = None
             if inputs is not None and i + 1 < n_blocks:
@@ -339,19 +328,42 @@ def quantize_checkpoint(
             pending.result()
 
     with safe_open(work / shard_name(n_blocks, n_shards), framework="pt") as fh:
-        weight_map.update({k: shard_name(n_blocks, n_shards) for k in fh.keys()})
-    total = sum((work / f).stat().st_size for f in set(weight_map.values()))
-    _write_json_atomic({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, work / INDEX)
-    config.quantization_config = LlmqConfig(
-        bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric, format=scheme.format,
-        targets=recipe.targets, ignore=recipe.ignore, g_idx=plan.has_g_idx, llmq_version=__version__,
-    )
-    config.dtype = scale_dtype
-    config.save_pretrained(work)
-    if (base_dir / "generation_config.json").is_file():
-        (work / "generation_config.json").write_bytes((base_dir / "generation_config.json").read_bytes())
-    for f in (ACTIVATIONS, PROGRESS):
-        (work / f).unlink(missing_ok=True)
+        weight_map.update(dict.fromkeys(fh.keys(), shard_name(n_blocks, n_shards)))
+    _write_metadata(work, base_dir, config, recipe, weight_map, scale_dtype, plan.has_g_idx)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _blocks_done(work: Path, key: str) -> int:
+    """How many blocks an interrupted run of this same job finished in `work` (0 for a fresh folder)."""
+    work.mkdir(parents=True, exist_ok=True)
+    progress_path = work / PROGRESS
+    if progress_path.is_file():
+        progress = json.loads(progress_path.read_text())
+        if progress.get("run") != key:
+            raise LlmqError(f"{work} holds an interrupted run of a different recipe or model; remove it to start over")
+        return int(progress["blocks_done"])
+    if any(work.iterdir()):
+        raise LlmqError(f"{work} is not empty and holds no llmq progress file; remove it to start over")
+    return 0
+
+
+def _write_metadata(work: Path, base_dir: Path, config, recipe: Recipe, weight_map: dict, dtype, has_g_idx: bool) -> None:
+    """The last step: index, config.json with the llmq quantization_config, generation config; resume files go."""
+    from . import __version__
+    from .hf import LlmqConfig
+
+    total = sum((work / f).stat().st_size for f in set(weight_map.values()))
+    _write_json_atomic({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, work / INDEX)
+    scheme = recipe.scheme.to_scheme()
+    config.quantization_config = LlmqConfig(
+        bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric, format=scheme.format,
+        targets=recipe.targets, ignore=recipe.ignore, g_idx=has_g_idx, llmq_version=__version__,
+    )
+    config.dtype = dtype
+    config.save_pretrained(work)
+    if (Path(base_dir) / "generation_config.json").is_file():
+        (work / "generation_config.json").write_bytes((Path(base_dir) / "generation_config.json").read_bytes())
+    for f in (ACTIVATIONS, PROGRESS):
+        (work / f).unlink(missing_ok=True)
 
