@@ -169,13 +169,21 @@ def fake_quantize(
 
 
 def mse_qparams(
-    w: Tensor, scheme: Scheme, grid: int = 50, max_shrink: float = 0.5, norm: float = 2.0, row_chunk: int = 4096
+    w: Tensor,
+    scheme: Scheme,
+    grid: int = 50,
+    max_shrink: float = 0.5,
+    norm: float = 2.0,
+    row_chunk: int = 4096,
+    col_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-group clipping search: the shrink factor in {1, 1 - max_shrink/grid, ..., 1 - max_shrink} with the
-    least reconstruction error sum |w - ŵ|^norm of that group (norm 2: mean squared error). Shrink 1 (plain
+    least reconstruction error sum_j c_j |w_j - ŵ_j|^norm of that group (norm 2: mean squared error; c = 1, or
+    `col_weights` [in], e.g. the Hessian diagonal, so inputs that carry more signal count more). Shrink 1 (plain
     min-max) is always a candidate, so the result is never worse than min-max on this objective. Rows are
     processed in chunks to bound memory.
     """
+    c = None if col_weights is None else _per_group(col_weights.float().reshape(1, -1), scheme)  # [1, G, gs]
     shrinks = [1.0 - max_shrink * i / grid for i in range(grid + 1)]
     best_scales, best_zeros = [], []
     for rows in torch.split(w.float(), row_chunk, dim=0):
@@ -187,7 +195,8 @@ def mse_qparams(
             s, z = _range_qparams(rng, scheme, p)
             zv = zero_values(z, s, scheme).unsqueeze(-1)
             q = round_to_grid(wg, s.unsqueeze(-1), zv, scheme.maxq)
-            err = (from_grid(q, s.unsqueeze(-1), zv) - wg).abs().pow(norm).sum(dim=-1)
+            err = (from_grid(q, s.unsqueeze(-1), zv) - wg).abs().pow(norm)
+            err = (err if c is None else err * c).sum(dim=-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             b_s = torch.where(better, s, b_s)

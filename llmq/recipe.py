@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Methods llmq knows by name; the ones without an implementation yet are refused at validation time.
 METHOD_NAMES = ("rtn", "gptq", "qat")
 IMPLEMENTED_METHODS = ("rtn", "gptq")
-GPTQ_KEYS = ("damp", "block_size", "act_order", "static_groups", "true_sequential")
+GPTQ_KEYS = ("damp", "block_size", "act_order", "static_groups", "true_sequential", "clip_weights")
 
 
 class _Strict(BaseModel):
@@ -87,7 +87,8 @@ class MethodConfig(_Strict):
     GPTQ only: `damp` (fraction of mean diag H added to the diagonal; grown until Cholesky succeeds),
     `block_size` (columns per lazy batch update), `act_order` (columns by descending diag H),
     `static_groups` (group qparams from the original weights: no g_idx on disk), `true_sequential`
-    (inside a block, each group of layers is calibrated on the outputs of the already-quantized earlier ones).
+    (inside a block, each group of layers is calibrated on the outputs of the already-quantized earlier ones),
+    `clip_weights: hessian` (the clipping search weighs each input column's error by its Hessian diagonal).
     """
 
     name: Literal["rtn", "gptq", "qat"] = "rtn"
@@ -100,6 +101,7 @@ class MethodConfig(_Strict):
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
+    clip_weights: Literal["uniform", "hessian"] = "uniform"
 
     @model_validator(mode="before")
     @classmethod

@@ -165,3 +165,22 @@ def test_pack_qweight_round_trip(bits, symmetric, shape):
     back = numerics.unpack_qweight(tensors["qweight"], tensors["scales"], tensors["qzeros"], None, scheme, inp)
     assert torch.equal(back.q, qw.q)
     assert torch.equal(dequantize(back, scheme), dequantize(qw, scheme))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_column_weights(symmetric):
+    """Unit column weights change nothing; a weighted search never loses on its own (weighted) objective."""
+    scheme = Scheme(3, 32, symmetric)
+    w = torch.randn(16, 64)
+    w[:, 5] *= 6  # an outlier column
+    plain = mse_qparams(w, scheme, grid=20, max_shrink=0.5)
+    ones = mse_qparams(w, scheme, grid=20, max_shrink=0.5, col_weights=torch.ones(64))
+    assert torch.equal(plain[0], ones[0]) and (plain[1] is None or torch.equal(plain[1], ones[1]))
+    c = torch.rand(64) * 10
+    weighted = mse_qparams(w, scheme, grid=20, max_shrink=0.5, col_weights=c)
+
+    def objective(s, z):
+        d = (dequantize(quantize(w, scheme, s, z), scheme) - w).pow(2) * c
+        return d.reshape(16, 2, 32).sum(-1)
+
+    assert torch.all(objective(*weighted) <= objective(*plain) * (1 + 1e-6) + 1e-9)

@@ -142,3 +142,4 @@ def test_recipe_yaml_round_trip(tmp_path):
     p = tmp_path / "again.yaml"
     p.write_text(yaml.safe_dump(r.to_dict()))
     assert Recipe.from_yaml(p).hash() == r.hash()
+

@@ -93,18 +93,20 @@ def gptq_quantize(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
+    hdiag = H.diagonal().clone() if method.clip_weights == "hessian" else None  # weights of the clipping search
     static = None
     if grouped and method.static_groups:  # qparams from the original weights, in the original column order
-        static = layer_qparams(W, scheme, method, scale_dtype)
+        static = layer_qparams(W, scheme, method, scale_dtype, hdiag)
     perm = None
     if method.act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
+        hdiag = None if hdiag is None else hdiag[perm]
     Hinv, damp = inverse_factor(H, method.damp)
     del H
 
     if not grouped:  # per-channel: one set of qparams per row, from the whole (permuted) row
-        channel_scales, channel_zeros = layer_qparams(W, col_scheme, method, scale_dtype)
+        channel_scales, channel_zeros = layer_qparams(W, col_scheme, method, scale_dtype, hdiag)
         s, z = channel_scales[:, 0], numerics.zero_values(channel_zeros, channel_scales, scheme)[:, 0]
     Q = torch.zeros(out, K, dtype=torch.uint8, device=W.device)
     group_scales, group_zeros = [], []
@@ -121,7 +123,8 @@ def gptq_quantize(
                 g = int(perm[col] if perm is not None else col) // gs
                 s, z = static[0][:, g], numerics.zero_values(static[1], static[0], scheme)[:, g]
             elif grouped and col % gs == 0:  # qparams of the next group from its current, error-updated weights
-                gs_s, gs_z = layer_qparams(W1[:, i : i + gs], col_scheme, method, scale_dtype)
+                c = None if hdiag is None else hdiag[col : col + gs]
+                gs_s, gs_z = layer_qparams(W1[:, i : i + gs], col_scheme, method, scale_dtype, c)
                 group_scales.append(gs_s[:, 0])
                 group_zeros.append(None if gs_z is None else gs_z[:, 0])
                 s, z = gs_s[:, 0], numerics.zero_values(gs_z, gs_s, scheme)[:, 0]

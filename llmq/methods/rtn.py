@@ -18,13 +18,19 @@ from .job import BlockJob
 
 
 def layer_qparams(
-    w: torch.Tensor, scheme: Scheme, method: MethodConfig, scale_dtype: torch.dtype
+    w: torch.Tensor,
+    scheme: Scheme,
+    method: MethodConfig,
+    scale_dtype: torch.dtype,
+    col_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales and zero points of w [out, in] per the recipe's clipping, with scales rounded to the dtype they are
-    stored in (what is stored is what the codes must fit; a tiny scale never rounds to zero in fp16 / bf16)."""
+    """Scales and zero points of w [out, in] per the recipe's clipping (the search weighing input column j's error
+    by col_weights[j] when given), with scales rounded to the dtype they are stored in (what is stored is what the
+    codes must fit; a tiny scale never rounds to zero in fp16 / bf16)."""
     if method.clip == "mse":
         scales, zeros = numerics.mse_qparams(
-            w, scheme, grid=method.clip_grid, max_shrink=method.clip_max_shrink, norm=method.clip_norm
+            w, scheme, grid=method.clip_grid, max_shrink=method.clip_max_shrink, norm=method.clip_norm,
+            col_weights=col_weights,
         )
     else:
         scales, zeros = numerics.minmax_qparams(w, scheme)
