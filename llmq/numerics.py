@@ -174,29 +174,34 @@ def mse_qparams(
     grid: int = 50,
     max_shrink: float = 0.5,
     norm: float = 2.0,
-    row_chunk: int = 4096,
+    row_chunk: int | None = None,
     col_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-group clipping search: the shrink factor in {1, 1 - max_shrink/grid, ..., 1 - max_shrink} with the
     least reconstruction error sum_j c_j |w_j - ŵ_j|^norm of that group (norm 2: mean squared error; c = 1, or
     `col_weights` [in], e.g. the Hessian diagonal, so inputs that carry more signal count more). Shrink 1 (plain
-    min-max) is always a candidate, so the result is never worse than min-max on this objective. Rows are
-    processed in chunks to bound memory.
+    min-max) is always a candidate, so the result is never worse than min-max on this objective.
+
+    Rows are processed in chunks small enough to stay in cache (default ~128k values), with in-place arithmetic:
+    the same values as the plain formulas, several times faster than whole-matrix temporaries.
     """
-    c = None if col_weights is None else _per_group(col_weights.float().reshape(1, -1), scheme)  # [1, G, gs]
     shrinks = [1.0 - max_shrink * i / grid for i in range(grid + 1)]
+    c = None if col_weights is None else _per_group(col_weights.float().reshape(1, -1), scheme)  # [1, G, gs]
+    row_chunk = row_chunk or max(1, (1 << 17) // w.shape[1])
     best_scales, best_zeros = [], []
     for rows in torch.split(w.float(), row_chunk, dim=0):
         wg = _per_group(rows, scheme)
         rng = _group_range(wg, scheme)  # once: each candidate only scales it
         best_err = torch.full(wg.shape[:2], float("inf"), device=w.device)
         b_s, b_z = _range_qparams(rng, scheme, 1.0)
+        d = torch.empty_like(wg)
         for p in shrinks:
             s, z = _range_qparams(rng, scheme, p)
-            zv = zero_values(z, s, scheme).unsqueeze(-1)
-            q = round_to_grid(wg, s.unsqueeze(-1), zv, scheme.maxq)
-            err = (from_grid(q, s.unsqueeze(-1), zv) - wg).abs().pow(norm)
-            err = (err if c is None else err * c).sum(dim=-1)
+            zv, sv = zero_values(z, s, scheme).unsqueeze(-1), s.unsqueeze(-1)
+            # d = |from_grid(round_to_grid(wg, s, z), s, z) - wg|^norm, computed in place
+            torch.div(wg, sv, out=d)
+            d.round_().add_(zv).clamp_(0, scheme.maxq).sub_(zv).mul_(sv).sub_(wg).abs_().pow_(norm)
+            err = (d if c is None else d.mul_(c)).sum(dim=-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             b_s = torch.where(better, s, b_s)

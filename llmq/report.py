@@ -17,6 +17,7 @@ import yaml
 from rich.table import Table
 
 from . import models
+from .recipe import GPTQ_KEYS
 
 REPORT_VERSION = 1
 
@@ -99,6 +100,7 @@ def model_card(report: dict[str, Any]) -> str:
             "group_size": s["group_size"],
             "symmetric": s["symmetric"],
             "clip": r["method"]["clip"],
+            **({k: r["method"][k] for k in GPTQ_KEYS} if r["method"]["name"] == "gptq" else {}),
         },
     }
     lines = [
@@ -112,6 +114,7 @@ def model_card(report: dict[str, Any]) -> str:
         f"and not {r['ignore']} ({report['quantized_layers']} layers) store {s['bits']}-bit integer weights with "
         f"per-group scales and zero points (llmq format; load with `import llmq` before `from_pretrained`).",
         "",
+        *_calibration_lines(r),
         "## Evaluation",
         "",
     ]
@@ -149,6 +152,19 @@ def model_card(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration_lines(r: dict[str, Any]) -> list[str]:
+    if r["method"]["name"] != "gptq":
+        return []
+    c, m = r["calibration"], r["method"]
+    opts = ", ".join(f"{k}={m[k]}" for k in GPTQ_KEYS)
+    return [
+        f"Calibration: {c['n_samples']} windows x {c['seqlen']} tokens ({c['n_samples'] * c['seqlen']} tokens) of "
+        f"`{c['data']}`, drawn with seed {c['seed']}; never the evaluation text. GPTQ options: {opts}; clipping "
+        f"{m['clip']}" + (f" (norm {m['clip_norm']}, up to {m['clip_max_shrink']:.0%} shrink, {m['clip_grid']} steps)." if m["clip"] == "mse" else "."),
+        "",
+    ]
 
 
 def table(result) -> Table:

@@ -230,6 +230,8 @@ def test_llmq_run_gptq_reloads_with_the_in_memory_logits(tiny_recipe, tmp_path, 
         calibration={"data": str(calib), "n_samples": 6, "seqlen": 32, "batch_size": 4},
     )
     result = llmq.run(tiny_recipe)
+    card = (result.output_dir / "README.md").read_text()
+    assert "Calibration: 6 windows x 32 tokens (192 tokens)" in card and "act_order:" in card
     rows = result.report["layers"]
     assert len(rows) == 14 and all(r["method"] == "gptq" and r["damp"] >= 0.01 for r in rows)
     reloaded = llmq.load(result.output_dir)
