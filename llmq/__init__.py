@@ -15,6 +15,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
+from . import calibration
 from . import hf as _hf
 from .errors import BadInputError, LlmqError
 from .models import load_model as load
@@ -24,4 +25,7 @@ from .recipe import Recipe
 
 _hf.register()
 
-__all__ = ["BadInputError", "LlmqError", "QWeight", "Recipe", "Scheme", "load", "quantize", "run", "validate", "__version__"]
+__all__ = [
+    "BadInputError", "LlmqError", "QWeight", "Recipe", "Scheme", "__version__",
+    "calibration", "load", "quantize", "run", "validate",
+]

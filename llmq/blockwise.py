@@ -116,7 +116,7 @@ def quantize_model(
         for name, qw in method.quantize_block(block, plan.per_block[i], job).items():
             qweights[f"{plan.prefix}.{i}.{name}"] = qw
         if inputs is not None and i + 1 < len(plan.blocks):
-            inputs = inputs.with_hidden(inputs.forward(block))
+            inputs.advance(block)
     if plan.outside:
         qweights.update(rtn_block(model, plan.outside, _job(recipe, scale_dtype, None, None, summary.rows, "-", log)))
     if plan.has_g_idx:
@@ -314,13 +314,13 @@ def quantize_checkpoint(
             tensors = _shard_tensors(block, prefix, block_keys, qweights, scheme, scale_dtype)
             weight_map.update(dict.fromkeys(tensors, shard_name(i, n_shards)))
             summary.layers += [prefix + n for n in qweights]
+            if pending is not None:
+                pending.result()  # the previous write holds the activations about to be overwritten
             activations = None
             if inputs is not None and i + 1 < n_blocks:
-                inputs = inputs.with_hidden(inputs.forward(block))
+                inputs.advance(block)
                 activations = [h.cpu() for h in inputs.hidden]
             block.to("meta")
-            if pending is not None:
-                pending.result()
             progress = {"run": key, "blocks_done": i + 1, "n_blocks": n_blocks}
             pending = writer.submit(_finish_block, work, shard_name(i, n_shards), tensors, activations, progress)
             memory.trim()

@@ -5,8 +5,9 @@
   holding the most Linear layers), so any HF causal LM with a list of blocks works without a per-model table.
 - `capture_inputs`: runs the model's embedding part and stops at the first block, keeping what that block is
   called with (hidden states plus position embeddings, masks and other keyword arguments).
-- `BlockInputs`: those activations; it runs a block over them, with hooks on its Linear layers and an early
-  stop once the layers of interest have seen their inputs (no need to finish the block's forward for that).
+- `BlockInputs`: those activations; it advances them through a block in place, or feeds a block with hooks on
+  its Linear layers and an early stop once the layers of interest have seen their inputs (no need to finish the
+  block's forward for that).
 - `linear_clusters`: a block's Linear layers in the order they are called, grouped by shared input (q/k/v,
   then o, then gate/up, then down for Llama) — the groups of GPTQ's true-sequential mode.
 
@@ -71,9 +72,11 @@ class BlockInputs:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
     @torch.no_grad()
-    def forward(self, block: nn.Module) -> list[torch.Tensor]:
-        """The block's output hidden states, batch by batch."""
-        return [_first(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(self.hidden, self.extras)]
+    def advance(self, block: nn.Module) -> None:
+        """Replace the hidden states by the block's outputs, batch by batch in place: the next block's inputs
+        without ever holding a second full set of activations."""
+        for h, (args, kwargs) in zip(self.hidden, self.extras):
+            h.copy_(_first(block(h, *args, **kwargs)))
 
     @torch.no_grad()
     def feed(self, block: nn.Module, taps: dict[nn.Module, Callable[[torch.Tensor], None]], stop_after: nn.Module | None):
