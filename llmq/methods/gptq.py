@@ -105,6 +105,9 @@ def gptq_quantize(
     Hinv, damp = inverse_factor(H, method.damp)
     del H
 
+    if static is not None:  # per column (in processing order): its group's scale and zero point
+        static_z = numerics.zero_values(static[1], static[0], scheme)
+        col_group = ((perm if perm is not None else torch.arange(K)) // gs).tolist()
     if not grouped:  # per-channel: one set of qparams per row, from the whole (permuted) row
         channel_scales, channel_zeros = layer_qparams(W, col_scheme, method, scale_dtype, hdiag)
         s, z = channel_scales[:, 0], numerics.zero_values(channel_zeros, channel_scales, scheme)[:, 0]
@@ -120,8 +123,8 @@ def gptq_quantize(
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
-                g = int(perm[col] if perm is not None else col) // gs
-                s, z = static[0][:, g], numerics.zero_values(static[1], static[0], scheme)[:, g]
+                g = col_group[col]
+                s, z = static[0][:, g], static_z[:, g]
             elif grouped and col % gs == 0:  # qparams of the next group from its current, error-updated weights
                 c = None if hdiag is None else hdiag[col : col + gs]
                 gs_s, gs_z = layer_qparams(W1[:, i : i + gs], col_scheme, method, scale_dtype, c)
