@@ -128,7 +128,7 @@ class CalibrationConfig(_Strict):
     n_samples: int = Field(64, ge=1)
     seqlen: int = Field(512, ge=8)
     seed: int = 0
-    batch_size: int = Field(8, ge=1)  # windows per forward pass through a block
+    batch_size: int = Field(4, ge=1)  # windows per forward pass through a block (peak RSS: ~40 MB per window on SmolLM2, measured)
 
 
 class EvalConfig(_Strict):
