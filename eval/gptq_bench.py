@@ -44,13 +44,21 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="llmq-bench-") as tmp:
             ckpt = Path(tmp) / "ckpt"
             proc = subprocess.run(
-                [sys.executable, str(HERE / "quantize_only.py"), path, str(ckpt)], capture_output=True, text=True, check=False
+                [sys.executable, str(HERE / "quantize_only.py"), path, str(ckpt)],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if proc.returncode != 0:
                 sys.exit(f"{path}: quantization failed\n{proc.stderr[-3000:]}")
             row = json.loads(proc.stdout.strip().splitlines()[-1])
-            row.update(name=recipe.name, method=recipe.method.to_dict() if hasattr(recipe.method, "to_dict") else recipe.method.model_dump(),
-                       scheme=scheme_label(recipe), calibration=recipe.calibration.model_dump(), ppl=evaluate(ckpt, args.windows))
+            row.update(
+                name=recipe.name,
+                method=recipe.method.to_dict() if hasattr(recipe.method, "to_dict") else recipe.method.model_dump(),
+                scheme=scheme_label(recipe),
+                calibration=recipe.calibration.model_dump(),
+                ppl=evaluate(ckpt, args.windows),
+            )
         print(json.dumps(row))
         with open(out.with_suffix(".jsonl"), "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -71,12 +79,35 @@ def write_table(out: Path) -> None:
     ]
     for r in rows:
         m = r["method"]
-        opts = ", ".join(f"{k}={v}" for k, v in m.items() if k in ("act_order", "static_groups", "true_sequential", "damp", "clip", "clip_norm", "clip_max_shrink") and v not in (None,))
+        opts = ", ".join(
+            f"{k}={v}"
+            for k, v in m.items()
+            if k
+            in (
+                "act_order",
+                "static_groups",
+                "true_sequential",
+                "damp",
+                "clip",
+                "clip_norm",
+                "clip_max_shrink",
+                "clip_grid",
+                "clip_weights",
+            )
+        )
         c = r["calibration"]
         lines.append(
             f"| {r['name']} | {r['scheme']} | {m['name']}: {opts} | {c['n_samples']}x{c['seqlen']} {c['data']} | "
             f"{r['ppl']['ppl']:.3f} | {r['quantize_s']:.1f} | {r['peak_rss_gb_while_quantizing']:.3f} |"
         )
+    notes = [f"- {r['name']}: {r['note']}" for r in rows if r.get("note")]
+    lines += [""] + notes if notes else []
+    lines += [
+        "",
+        "Weights digests (sha256 over every shard, in name order): "
+        + ", ".join(f"{r['name']} `{r['weights_sha256']}`" for r in rows if "weights_sha256" in r)
+        + ".",
+    ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
