@@ -87,7 +87,8 @@ def main() -> None:
     build_s = time.perf_counter() - t
 
     recipe = llmq.Recipe.from_dict({
-        "name": "scale-test", "model": str(folder), "method": {"name": "gptq", "act_order": True, "static_groups": True},
+        "name": "scale-test", "model": str(folder),
+        "method": {"name": "gptq", "act_order": True, "static_groups": True},
         "scheme": {"bits": args.bits, "group_size": 128, "symmetric": False},
         "calibration": {"n_samples": args.samples, "seqlen": args.seqlen, "batch_size": 4}, "eval": None,
     })
