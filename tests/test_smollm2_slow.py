@@ -1,6 +1,6 @@
 """End to end on the real SmolLM2-135M (built-in alias, no network): the numbers must make sense.
 
-Slow (about 2 minutes on 2 cores, plus a one-time GGUF conversion): run with `make test-slow` or `-m slow`.
+Slow (about 6 minutes on 2 cores, plus a one-time GGUF conversion): run with `make test-slow` or `-m slow`.
 """
 
 from __future__ import annotations
@@ -33,3 +33,18 @@ def test_smollm2_w8_near_base_and_w4_between_base_and_1_5x(tmp_path):
 
     w4 = _run(tmp_path, "w4", {"bits": 4, "group_size": 64, "symmetric": False}, baseline=False)
     assert base < w4["quantized"]["ppl"] < 1.5 * base, (w4["quantized"]["ppl"], base)
+
+
+def test_gptq_recipe_beats_rtn_at_3_bits(tmp_path):
+    """The shipped GPTQ W3g64 recipe as it is (calibration 64 x 512 lambada tokens), evaluated on 4 windows:
+    far better than RTN at the same scheme (16-window numbers: GPTQ 34.5 vs RTN 58.8), every layer calibrated."""
+    from pathlib import Path
+
+    recipe = llmq.Recipe.from_yaml(Path(__file__).parent.parent / "recipes" / "gptq-w3g64.yaml").to_dict()
+    recipe["eval"]["max_windows"] = 4
+    recipe["eval"]["baseline"] = False
+    recipe["output"]["dir"] = str(tmp_path / "gptq")
+    result = llmq.run(recipe)
+    assert len(result.report["layers"]) == 210 and all(r["method"] == "gptq" for r in result.report["layers"])
+    rtn = _run(tmp_path, "rtn-w3", {"bits": 3, "group_size": 64, "symmetric": False}, baseline=False)
+    assert result.metrics["quantized"]["ppl"] < 0.8 * rtn["quantized"]["ppl"], (result.metrics, rtn)
