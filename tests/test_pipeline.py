@@ -127,15 +127,23 @@ def test_ctrl_c_while_quantizing_then_rerun_resumes(tiny_recipe, tmp_path):
     tiny_recipe["calibration"] = {"data": str(_calibration_file(tmp_path)), "n_samples": 4, "seqlen": 32, "batch_size": 2}
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump(tiny_recipe))
+    # Ctrl-C once block 0 is recorded; the main thread gets it (as from a terminal) at the end of block 1, and the
+    # write of block 1 that is then in flight never gets recorded, as if the process died there
     script = f"""
-import os, signal, sys, time
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell starts us with SIGINT ignored
 from llmq import blockwise
-orig = blockwise._write_json_atomic
-def slow(obj, path):
-    orig(obj, path)                          # block 0 is finished and recorded ...
-    os.kill(os.getpid(), signal.SIGINT)      # ... and the user presses Ctrl-C
-    time.sleep(5)
-blockwise._write_json_atomic = slow
+recorded = []
+orig_record, orig_trim = blockwise._write_json_atomic, blockwise.memory.trim
+def record(obj, path):
+    if not recorded:
+        orig_record(obj, path)
+    recorded.append(obj["blocks_done"])
+def trim():
+    orig_trim()
+    if recorded:
+        os.kill(os.getpid(), signal.SIGINT)
+blockwise._write_json_atomic, blockwise.memory.trim = record, trim
 from llmq.cli import main
 sys.exit(main(["run", {str(recipe_path)!r}]))
 """
