@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
@@ -223,7 +224,13 @@ def run_scheme(args, key: str) -> dict:
     # Record exactly which token windows reach the model during calibration.
     seen: list[torch.Tensor] = []
     embed = model.get_input_embeddings()
-    handle = embed.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    def record(module, inputs):
+        x = inputs[0] if inputs else None
+        # the sequential pipeline first traces the model with meta tensors / proxies: skip those calls
+        if type(x) is torch.Tensor and x.device.type != "meta":
+            seen.append(x.detach().clone())
+
+    handle = embed.register_forward_pre_hook(record)
 
     workdir = tempfile.mkdtemp(prefix="peer-llmc-")
     cwd = os.getcwd()
@@ -243,12 +250,16 @@ def run_scheme(args, key: str) -> dict:
         return sorted(tuple(r) for r in t.tolist())
     calib_rows = key_rows(calib)
     distinct_seen = sorted(set(tuple(r) for r in seen_rows.tolist())) if seen else []
+    # (the sequential pipeline runs the embedding twice per window: once to calibrate the first block, once to
+    # propagate through it after it is quantized; so the expected multiplicity is 2 for every window)
+    counts = Counter(tuple(r) for r in seen_rows.tolist()) if seen else Counter()
     token_check = dict(
         embedding_calls=len(seen), seen_shape=list(seen_rows.shape),
         distinct_windows_seen=len(distinct_seen),
         identical_token_set=distinct_seen == sorted(set(calib_rows)),
-        seen_each_window_once=len(seen) == 64 and key_rows(seen_rows) == calib_rows,
-        order_preserved=bool(seen_rows.shape == calib.shape and torch.equal(seen_rows, calib)),
+        times_each_window_seen=sorted(set(counts.values())),
+        first_pass_order_equals_llmq_order=bool(
+            seen_rows.shape[0] >= 64 and torch.equal(seen_rows[:64], calib)),
     )
 
     scheme_info = {}
@@ -346,6 +357,7 @@ def main():
     p.add_argument("--eval", default="/tmp/peer_eval.pt", help="[16, 2048] wiki evaluation windows from llmq")
     p.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--attempts", type=int, default=4, help="max runs per scheme until one is not overlapped")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_child_out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -376,7 +388,18 @@ def main():
     results["schemes"] = {}
     for key in args.schemes:
         print(f"{key} ...", flush=True)
-        r = child(args, key)
+        # Timing and RSS only count when nothing else ran during oneshot: retry (fresh process) up to
+        # --attempts times; the perplexity is deterministic and does not depend on this.
+        attempts = []
+        for _ in range(args.attempts):
+            r = child(args, key)
+            attempts.append(dict(oneshot_seconds=r["oneshot_seconds"], peak_rss_gb=r["peak_rss_gb_during_oneshot"],
+                                 ppl=r["ppl"], overlapped=bool(r["overlap"]["others_running_during_oneshot"])))
+            if not r["overlap"]["others_running_during_oneshot"]:
+                break
+            print(f"  oneshot overlapped other processes ({r['oneshot_seconds']:.1f} s); retrying", flush=True)
+        r["attempts"] = attempts
+        r["timing_clean"] = not r["overlap"]["others_running_during_oneshot"]
         results["schemes"][key] = r
         print(f"  ppl {r['ppl']:.4f}  oneshot {r['oneshot_seconds']:.1f} s  peak RSS "
               f"{r['peak_rss_gb_during_oneshot']:.2f} GB  grid ok {r['grid_check']['ok']}  "
