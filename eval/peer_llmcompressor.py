@@ -66,12 +66,17 @@ def wait_until_idle(poll_s: float = 10.0) -> float:
     return time.time() - t0
 
 
-def vm_rss_bytes() -> int:
+def _proc_status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: the high-water mark)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def vm_rss_bytes() -> int:
+    return _proc_status_bytes("VmRSS")
 
 
 class RssSampler:
@@ -305,11 +310,7 @@ def run_scheme(args, key: str) -> dict:
 
 
 def _vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_status_bytes("VmHWM")
 
 
 def run_base(args) -> dict:

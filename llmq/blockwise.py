@@ -287,11 +287,13 @@ def quantize_checkpoint(
         if plan.has_g_idx:
             outside_q = _with_default_g_idx(outside_q, scheme)
         summary.layers += list(outside_q)
-    _save_atomic(_shard_tensors(model, "", rest_keys, outside_q, scheme, scale_dtype), work / shard_name(n_blocks, n_shards))
+    rest = _shard_tensors(model, "", rest_keys, outside_q, scheme, scale_dtype)
+    _save_atomic(rest, work / shard_name(n_blocks, n_shards))
+    weight_map = dict.fromkeys(rest, shard_name(n_blocks, n_shards))
+    del rest
     model.to("meta")  # embeddings are not needed again
     memory.trim()
 
-    weight_map = {}
     for i in range(done):  # finished by an earlier, interrupted run
         with safe_open(work / shard_name(i, n_shards), framework="pt") as fh:
             weight_map.update(dict.fromkeys(fh.keys(), shard_name(i, n_shards)))
@@ -327,8 +329,6 @@ def quantize_checkpoint(
         if pending is not None:
             pending.result()
 
-    with safe_open(work / shard_name(n_blocks, n_shards), framework="pt") as fh:
-        weight_map.update(dict.fromkeys(fh.keys(), shard_name(n_blocks, n_shards)))
     _write_metadata(work, base_dir, config, recipe, weight_map, scale_dtype, plan.has_g_idx)
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -67,10 +67,6 @@ class BlockInputs:
     hidden: list[torch.Tensor]  # [batch, seq, hidden] each
     extras: list[tuple[tuple, dict[str, Any]]]  # (positional args after the hidden states, keyword args)
 
-    @property
-    def n_tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
-
     @torch.no_grad()
     def advance(self, block: nn.Module) -> None:
         """Replace the hidden states by the block's outputs, batch by batch in place: the next block's inputs
