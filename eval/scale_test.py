@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quantize_only import RssSampler, rss_bytes  # noqa: E402
 
 import llmq  # noqa: E402
-from llmq import blockwise  # noqa: E402
+from llmq import blockwise, checkpoint  # noqa: E402
 
 HIDDEN, INTERMEDIATE, VOCAB = 2048, 5632, 32000
 
@@ -67,7 +67,7 @@ def build(folder: Path, layers: int) -> int:
     save_file(rest, tmp / name, metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(rest, name))
     total = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-    (tmp / blockwise.INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (tmp / checkpoint.INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     tmp.rename(folder)
     return total
 

@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import memory, numerics
 from .calibration import capture_inputs, decoder_blocks, linear_clusters
+from .checkpoint import CheckpointReader, write_index
+from .checkpoint import save_safetensors_atomic as _save_atomic
+from .checkpoint import write_json_atomic as _write_json_atomic
 from .errors import LlmqError
 from .methods import METHODS, BlockJob
 from .methods.rtn import rtn_block
@@ -39,7 +41,6 @@ from .recipe import Recipe, check_against_layers
 
 PROGRESS = "llmq-progress.json"
 ACTIVATIONS = "llmq-activations.pt"
-INDEX = "model.safetensors.index.json"
 
 
 @dataclass
@@ -129,43 +130,6 @@ def quantize_model(
 # ------------------------------------------------------------------------------------------------ on disk
 
 
-class CheckpointReader:
-    """Tensors of a safetensors checkpoint (one file or sharded with an index), read one at a time on demand."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        index = self.folder / INDEX
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.folder / "model.safetensors").is_file():
-            with safe_open(self.folder / "model.safetensors", framework="pt") as fh:
-                weight_map = {k: "model.safetensors" for k in fh.keys()}
-        else:
-            raise LlmqError(f"{self.folder}: no model.safetensors or {INDEX} (block-by-block quantization reads safetensors)")
-        self.weight_map = weight_map
-
-    def materialize(self, module: nn.Module, prefix: str, keys: list[str], device) -> None:
-        """Replace the meta tensors `keys` (relative to `module`) with the checkpoint's, in fp32 on `device`.
-
-        Each file is opened for the read and closed right after: safetensors maps files into memory, and pages of
-        a mapping that stays open count towards (and would slowly fill) this process's resident memory."""
-        by_file: dict[str, list[str]] = {}
-        for k in keys:
-            if prefix + k not in self.weight_map:
-                raise LlmqError(f"{self.folder}: the checkpoint has no tensor {prefix + k!r} that the model needs")
-            by_file.setdefault(self.weight_map[prefix + k], []).append(k)
-        sd = {}
-        for name, file_keys in by_file.items():
-            try:
-                with safe_open(self.folder / name, framework="pt") as fh:
-                    for k in file_keys:
-                        t = fh.get_tensor(prefix + k)
-                        sd[k] = t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype, copy=True)
-            except (SafetensorError, OSError) as e:
-                raise LlmqError(f"{self.folder / name}: unreadable safetensors file ({e})") from None
-        module.load_state_dict(sd, strict=False, assign=True)
-
-
 def _unique_state_keys(module: nn.Module, skip_prefix: str | None = None) -> list[str]:
     """state_dict keys of `module`, tied tensors once (the first name, as save_pretrained keeps it)."""
     seen, keys = set(), []
@@ -196,18 +160,6 @@ def _shard_tensors(
         for leaf, t in numerics.pack_qweight(qw, scheme, dtype).items():
             tensors[f"{prefix}{layer}.{leaf}"] = t.cpu().contiguous()
     return tensors
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _finish_block(work: Path, shard: str, tensors: dict, activations: list | None, progress: dict) -> None:
@@ -353,8 +305,7 @@ def _write_metadata(work: Path, base_dir: Path, config, recipe: Recipe, weight_m
     from . import __version__
     from .hf import LlmqConfig
 
-    total = sum((work / f).stat().st_size for f in set(weight_map.values()))
-    _write_json_atomic({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, work / INDEX)
+    write_index(work, weight_map)
     scheme = recipe.scheme.to_scheme()
     config.quantization_config = LlmqConfig(
         bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric, format=scheme.format,

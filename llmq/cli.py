@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmq",
         description="Quantize Hugging Face causal LMs and measure what it cost.",
-        epilog="Example: llmq run recipes/quickstart.yaml",
+        epilog="Examples: llmq run recipes/quickstart.yaml; llmq export out/quickstart out/qs-gptq --format gptq",
     )
     from . import __version__
 
@@ -36,6 +36,34 @@ def _parser() -> argparse.ArgumentParser:
                                      "fits the model's layers. Reads no weights.")
     val.add_argument("recipe", help="path to a recipe YAML file")
     val.add_argument("--no-model", action="store_true", help="check the recipe alone, without resolving the model")
+
+    exp = sub.add_parser("export", help="write an llmq checkpoint as GPTQ or compressed-tensors",
+                         description="Rewrite an llmq checkpoint in a format that vLLM, SGLang and transformers serve. "
+                                     "The integer codes, scales and zero points are kept exactly; only the packing changes.",
+                         epilog="Example: llmq export out/gptq-w4g64 out/gptq-w4g64-vllm --format gptq")
+    exp.add_argument("checkpoint", help="an llmq checkpoint folder (the output of llmq run)")
+    exp.add_argument("output", help="the folder to write")
+    exp.add_argument("--format", required=True, choices=["gptq", "compressed-tensors"],
+                     help="gptq: quant_method gptq (transformers via optimum + gptqmodel, vLLM, SGLang); "
+                          "compressed-tensors: pack-quantized (vLLM, SGLang, compressed-tensors)")
+    exp.add_argument("--gptq-version", type=int, choices=[1, 2], default=1,
+                     help="GPTQ zero-point convention: 1 stores zero - 1 (what most servers read; cannot store a zero "
+                          "point of 0), 2 stores the true zero (GPTQModel). Default: 1")
+    exp.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+    imp = sub.add_parser("import", help="bring a GPTQ or compressed-tensors checkpoint into llmq",
+                         description="Rewrite a GPTQ (v1 or v2) or compressed-tensors pack-quantized checkpoint as an llmq "
+                                     "checkpoint, so llmq's QuantLinear kernels and evaluation run on it. Exact: the same "
+                                     "integer codes, scales and zero points.",
+                         epilog="Example: llmq import ./Llama-3-8B-GPTQ out/llama3-gptq-llmq")
+    imp.add_argument("checkpoint", help="a local GPTQ or compressed-tensors checkpoint folder")
+    imp.add_argument("output", help="the folder to write")
+    imp.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+    ins = sub.add_parser("inspect", help="say what kind of checkpoint a folder holds",
+                         description="Read a checkpoint folder's config.json (no weights) and say what it is and whether "
+                                     "llmq can import it.")
+    ins.add_argument("checkpoint", help="a checkpoint folder")
     return p
 
 
@@ -52,6 +80,23 @@ def main(argv: list[str] | None = None) -> int:
 
             result = run(args.recipe, overwrite=args.overwrite, output_dir=args.output)
             print(f"done: {result.output_dir} (report.json, README.md, model.safetensors)")
+        elif args.command in ("export", "import"):
+            from . import formats
+
+            if args.command == "export":
+                done = formats.export_checkpoint(args.checkpoint, args.output, args.format, args.gptq_version, args.overwrite)
+            else:
+                done = formats.import_checkpoint(args.checkpoint, args.output, args.overwrite)
+            print(f"done: {done.output_dir} ({done.layers} quantized layers, {done.format}; source: {done.source.label})")
+            for note in done.notes:
+                print(f"note: {note}")
+        elif args.command == "inspect":
+            from . import formats
+
+            found = formats.detect(args.checkpoint)
+            verdict = "llmq reads it" if found.kind in ("llmq", "full-precision") else (
+                "llmq imports it (llmq import)" if found.importable else f"llmq cannot import it: {found.problem}")
+            print(f"{args.checkpoint}: {found.label}; {verdict}")
         return 0
     except BadInputError as e:
         print(f"llmq: error: {e}", file=sys.stderr)

@@ -145,12 +145,32 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
     return target
 
 
+def skeleton(folder: str | Path) -> torch.nn.Module:
+    """The model of `folder` built on the meta device from its config alone (no weights read, no quantizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_model(folder: str | Path, dtype: torch.dtype | str = "auto"):
-    """from_pretrained with llmq registered, in eval mode; refuses models loaded without their quantizer."""
+    """from_pretrained with llmq registered, in eval mode; refuses models loaded without their quantizer.
+
+    A GPTQ or compressed-tensors checkpoint is imported once into an llmq copy in the cache and loaded from
+    there, so it runs on llmq's QuantLinear layers; any other quantized format is refused with a message."""
     from transformers import AutoModelForCausalLM
 
+    from . import formats
     from .hf import check_loaded
 
+    found = formats.detect(folder)
+    if found.importable:
+        folder = formats.imported_copy(folder)
+    elif found.kind not in ("llmq", "full-precision"):
+        raise BadInputError(formats.unsupported_message(folder, found, "loads"))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     check_loaded(model)
     return model.eval()

@@ -9,6 +9,7 @@ Every check that can fail on user input runs before the first heavy step.
 from __future__ import annotations
 
 import gc
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +51,15 @@ def as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
 
 def check_model_shapes(recipe: Recipe, folder: Path) -> dict[str, int]:
     """Build the model on the meta device (no weights read) and check the recipe against its Linear layers."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from . import formats
 
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    layers = {n: m.in_features for n, m in targeted_linears(skeleton, recipe.targets, recipe.ignore).items()}
+    found = formats.detect(folder)
+    if found.kind != "full-precision":
+        raise BadInputError(
+            f"model {recipe.model!r} is {found.label}: llmq quantizes full-precision checkpoints"
+            + (" (`llmq import` turns it into an llmq checkpoint to evaluate or serve)" if found.importable else "")
+        )
+    layers = {n: m.in_features for n, m in targeted_linears(models.skeleton(folder), recipe.targets, recipe.ignore).items()}
     check_against_layers(recipe, layers)
     return layers
 
@@ -162,7 +166,8 @@ def run(recipe: Recipe | str | Path | dict, overwrite: bool = False, output_dir:
 
     result = RunResult(recipe, out, base_dir, timings, {k: v.to_dict() for k, v in metrics.items()})
     result.report = report.write(
-        result, quantized_layers=names, layer_rows=summary.rows, quantization={"resumed_at_block": summary.resumed_at_block}
+        result, quantized_layers=names, layer_rows=summary.rows, quantization={"resumed_at_block": summary.resumed_at_block},
+        command=f"llmq run recipe.yaml -o {shlex.quote(str(out))}",
     )
     say(report.table(result))
     return result

@@ -19,7 +19,7 @@ from rich.table import Table
 from . import models
 from .recipe import GPTQ_KEYS
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 
 def _size(folder: Path) -> int:
@@ -33,7 +33,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def build(
-    result, quantized_layers: list[str], layer_rows: list[dict[str, Any]] | None = None, quantization: dict | None = None
+    result, quantized_layers: list[str], layer_rows: list[dict[str, Any]] | None = None, quantization: dict | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     from . import __version__
 
@@ -55,6 +56,7 @@ def build(
         },
         "recipe": recipe.to_dict(),
         "recipe_hash": recipe.hash(),
+        "command": command or "llmq run recipe.yaml",
         "model": {"spec": recipe.model, "resolved": str(result.base_dir), **models.card_metadata(recipe.model, result.base_dir)},
         "output_dir": str(result.output_dir),
         "quantized_layers": len(quantized_layers),
@@ -71,96 +73,194 @@ def build(
 
 
 def write(
-    result, quantized_layers: list[str], layer_rows: list[dict[str, Any]] | None = None, quantization: dict | None = None
+    result, quantized_layers: list[str], layer_rows: list[dict[str, Any]] | None = None, quantization: dict | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
-    report = build(result, quantized_layers, layer_rows, quantization)
+    report = build(result, quantized_layers, layer_rows, quantization, command)
     out = Path(result.output_dir)
     _write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     _write_atomic(out / "README.md", model_card(report))
     return report
 
 
+PROTOCOL = (
+    "Perplexity protocol: the corpus joined once and tokenized once, cut into non-overlapping windows of `seqlen` "
+    "tokens, exp(mean NLL) over every predicted token (`seqlen - 1` per window). Not lm-eval's word perplexity."
+)
+
+
 def _ppl_line(name: str, m: dict) -> str:
     return f"| {name} | {m['ppl']:.3f} | {m['corpus']} | {m['seqlen']} | {m['windows']} | {m['tokens']} |"
 
 
-def model_card(report: dict[str, Any]) -> str:
-    """A Hugging Face model card: metadata header, how the model was made, what it measured."""
-    r = report["recipe"]
-    s = r["scheme"]
+def _scheme_words(s: dict[str, Any]) -> str:
     group = "per-channel" if s["group_size"] is None else f"group size {s['group_size']}"
+    return f"{s['bits']}-bit, {group}, {'symmetric' if s['symmetric'] else 'asymmetric'}"
+
+
+def _header(report: dict[str, Any], tags: list[str], extra: dict[str, Any] | None = None) -> list[str]:
+    """The model card's YAML metadata block (what the Hugging Face hub indexes)."""
+    r, s = report["recipe"], report["recipe"]["scheme"]
     header = {
         "base_model": report["model"]["base_model"],
         **({"license": report["model"]["license"]} if "license" in report["model"] else {}),
         "library_name": "transformers",
-        "tags": ["llmq", "quantized", f"{s['bits']}-bit", r["method"]["name"]],
+        "tags": ["llmq", "quantized", f"{s['bits']}-bit", r["method"]["name"], *tags],
         "quantization": {
+            "tool": f"llmq {report['llmq_version']}",
             "method": r["method"]["name"],
             "bits": s["bits"],
             "group_size": s["group_size"],
             "symmetric": s["symmetric"],
             "clip": r["method"]["clip"],
             **({k: r["method"][k] for k in GPTQ_KEYS} if r["method"]["name"] == "gptq" else {}),
+            **(extra or {}),
         },
     }
+    return ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", ""]
+
+
+def _evaluation_lines(report: dict[str, Any]) -> list[str]:
+    m = report["metrics"]
+    if not m:
+        return ["No evaluation was run."]
+    lines = [PROTOCOL, "", "| model | perplexity | corpus | seqlen | windows | predicted tokens |", "|---|---|---|---|---|---|"]
+    lines += [_ppl_line(name, m[name]) for name in ("base", "quantized") if name in m]
+    if "ppl_increase" in m:
+        lines += ["", f"Perplexity increase: {m['ppl_increase']:+.3f} ({m['ppl_increase_rel']:+.2%})."]
+    return lines
+
+
+def _size_lines(report: dict[str, Any]) -> list[str]:
+    sz = report["sizes"]
+    return [
+        f"safetensors: {sz['quantized_bytes'] / 1e6:.1f} MB (base {sz['base_bytes'] / 1e6:.1f} MB"
+        + (f", {sz['ratio']:.1%} of it)." if sz["ratio"] else ")."),
+    ]
+
+
+def _reproduce_lines(report: dict[str, Any], then: str | None = None) -> list[str]:
+    return [
+        "## Reproduce",
+        "",
+        "```bash",
+        f"pip install llmq=={report['llmq_version']}",
+        f"{report.get('command', 'llmq run recipe.yaml')}   # recipe.yaml sits beside these weights",
+        *([then] if then else []),
+        "```",
+        "",
+        f"Recipe hash `{report['recipe_hash']}`; torch {report['versions']['torch']}, transformers "
+        f"{report['versions']['transformers']}, Python {report['versions']['python']}.",
+        "",
+    ]
+
+
+def model_card(report: dict[str, Any]) -> str:
+    """A Hugging Face model card: metadata header, how the model was made, what it measured, how to redo it."""
+    r = report["recipe"]
+    s = r["scheme"]
     lines = [
-        "---",
-        yaml.safe_dump(header, sort_keys=False).rstrip(),
-        "---",
+        *_header(report, tags=[]),
+        f"# {r['model']} — {s['bits']}-bit {r['method']['name'].upper()} ({_scheme_words(s)})",
         "",
-        f"# {r['model']} — {s['bits']}-bit {r['method']['name'].upper()} ({group}, {'symmetric' if s['symmetric'] else 'asymmetric'})",
-        "",
-        f"Quantized with llmq {report['llmq_version']} from `{r['model']}`. Linear layers matching {r['targets']} "
-        f"and not {r['ignore']} ({report['quantized_layers']} layers) store {s['bits']}-bit integer weights with "
-        f"per-group scales and zero points (llmq format; load with `import llmq` before `from_pretrained`).",
+        f"Quantized with llmq {report['llmq_version']} from `{report['model']['base_model']}`. Linear layers matching "
+        f"{r['targets']} and not {r['ignore']} ({report['quantized_layers']} layers) store {s['bits']}-bit integer "
+        "weights with per-group scales and zero points (llmq format; load with `import llmq` before `from_pretrained`).",
         "",
         *_calibration_lines(r),
         "## Evaluation",
         "",
-    ]
-    m = report["metrics"]
-    if m:
-        lines += [
-            "Perplexity: non-overlapping windows, exp(mean NLL) over every predicted token (llmq protocol; not lm-eval's word perplexity).",
-            "",
-            "| model | perplexity | corpus | seqlen | windows | predicted tokens |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name in ("base", "quantized"):
-            if name in m:
-                lines.append(_ppl_line(name, m[name]))
-        if "ppl_increase" in m:
-            lines += ["", f"Perplexity increase: {m['ppl_increase']:+.3f} ({m['ppl_increase_rel']:+.2%})."]
-    else:
-        lines.append("No evaluation was run.")
-    sz = report["sizes"]
-    lines += [
+        *_evaluation_lines(report),
         "",
         "## Size",
         "",
-        f"safetensors: {sz['quantized_bytes'] / 1e6:.1f} MB (base {sz['base_bytes'] / 1e6:.1f} MB"
-        + (f", {sz['ratio']:.1%} of it)." if sz["ratio"] else ")."),
+        *_size_lines(report),
         "",
-        "## Reproduce",
-        "",
-        "```bash",
-        "llmq run recipe.yaml   # recipe.yaml sits beside these weights",
-        "```",
-        "",
-        f"Recipe hash `{report['recipe_hash']}`; torch {report['versions']['torch']}, transformers "
-        f"{report['versions']['transformers']}.",
-        "",
+        *_reproduce_lines(report),
     ]
     return "\n".join(lines)
 
 
+LOADERS = {
+    "gptq": [
+        "Served by vLLM and SGLang (`vllm serve FOLDER`); transformers loads it through optimum + gptqmodel:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM   # pip install optimum gptqmodel",
+        'model = AutoModelForCausalLM.from_pretrained("FOLDER")',
+        "```",
+    ],
+    "compressed-tensors": [
+        "Served by vLLM and SGLang (`vllm serve FOLDER`); the compressed-tensors package reads and decompresses it, and "
+        "transformers loads it with compressed-tensors installed (`from_pretrained(\"FOLDER\")`) for symmetric schemes "
+        "(transformers 5.23 with compressed-tensors 0.20 cannot load asymmetric pack-quantized checkpoints at all, "
+        "including llm-compressor's own).",
+    ],
+}
+
+
+def export_card(src: Path, label: str, quantization_config: dict[str, Any]) -> str:
+    """The card of an exported checkpoint: the llmq checkpoint's provenance and numbers, plus how to load this format."""
+    fmt = quantization_config["quant_method"]
+    report_path = Path(src) / "report.json"
+    how = [line.replace("FOLDER", "path/to/this/folder") for line in LOADERS[fmt]]
+    if not report_path.is_file():
+        return "\n".join([f"# {Path(src).name} as {label}", "", f"Exported by llmq from the llmq checkpoint `{Path(src).name}` "
+                          "(it has no report.json, so its provenance is unknown).", "", "## Loading", "", *how, ""])
+    report = json.loads(report_path.read_text())
+    r, s = report["recipe"], report["recipe"]["scheme"]
+    export_cmd = f"llmq export {report['output_dir']} OUT --format {fmt}" + (
+        " --gptq-version 2" if quantization_config.get("checkpoint_format") == "gptq_v2" else "")
+    lines = [
+        *_header(report, tags=[fmt], extra={"format": label}),
+        f"# {r['model']} — {s['bits']}-bit {r['method']['name'].upper()} ({_scheme_words(s)}), {label}",
+        "",
+        f"Quantized with llmq {report['llmq_version']} from `{report['model']['base_model']}` and exported to {label} "
+        f"({report['quantized_layers']} quantized Linear layers). The integer codes, scales and zero points are exactly "
+        "those of the llmq checkpoint; only their packing differs.",
+        "",
+        "## Loading",
+        "",
+        *how,
+        "",
+        *_calibration_lines(r),
+        "## Evaluation",
+        "",
+        "Measured by llmq on the llmq checkpoint this was exported from (same integers; llmq's tests check that "
+        "this format's own loaders give the same logits within fp16 rounding).",
+        "",
+        *_evaluation_lines(report),
+        "",
+        *_reproduce_lines(report, then=export_cmd),
+    ]
+    return "\n".join(lines)
+
+
+def import_card(src: Path, found) -> str:
+    """The card of a checkpoint imported into llmq: where it came from; llmq did not make it."""
+    return "\n".join([
+        "---",
+        yaml.safe_dump({"library_name": "transformers", "tags": ["llmq", "quantized", found.kind]}, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {Path(src).name}, imported into llmq",
+        "",
+        f"`{Path(src)}` is {found.label}. `llmq import` rewrote its packed weights in the llmq layout (same integer codes, "
+        "scales and zero points) so that llmq's kernels and evaluation run on it; load with `import llmq` before "
+        "`from_pretrained`. llmq did not quantize it: see the original model card for how it was made.",
+        "",
+    ])
+
+
 def _calibration_lines(r: dict[str, Any]) -> list[str]:
     if r["method"]["name"] != "gptq":
-        return []
+        return ["No calibration data: round-to-nearest reads the weights only.", ""]
     c, m = r["calibration"], r["method"]
     opts = ", ".join(f"{k}={m[k]}" for k in GPTQ_KEYS)
     return [
-        f"Calibration: {c['n_samples']} windows x {c['seqlen']} tokens ({c['n_samples'] * c['seqlen']} tokens) of "
+        "## Calibration",
+        "",
+        f"{c['n_samples']} windows x {c['seqlen']} tokens ({c['n_samples'] * c['seqlen']:,} tokens) of "
         f"`{c['data']}`, drawn with seed {c['seed']}; never the evaluation text. GPTQ options: {opts}; clipping "
         f"{m['clip']}" + (f" (norm {m['clip_norm']}, up to {m['clip_max_shrink']:.0%} shrink, {m['clip_grid']} steps)." if m["clip"] == "mse" else "."),
         "",

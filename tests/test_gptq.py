@@ -232,7 +232,7 @@ def test_llmq_run_gptq_reloads_with_the_in_memory_logits(tiny_recipe, tmp_path, 
     )
     result = llmq.run(tiny_recipe)
     card = (result.output_dir / "README.md").read_text()
-    assert "Calibration: 6 windows x 32 tokens (192 tokens)" in card and "act_order:" in card
+    assert "## Calibration\n\n6 windows x 32 tokens (192 tokens) of" in card and "act_order:" in card
     rows = result.report["layers"]
     assert len(rows) == 14 and all(r["method"] == "gptq" and r["damp"] >= 0.01 for r in rows)
     reloaded = llmq.load(result.output_dir)

@@ -54,7 +54,8 @@ def test_run_save_reload_identical_logits(tiny_recipe, scheme, clip):
         assert torch.equal(reloaded(x).logits, in_memory(x).logits)
 
     report = json.loads((out / "report.json").read_text())
-    assert report["report_version"] == 1 and report["recipe_hash"] == result.recipe.hash()
+    assert report["report_version"] == 2 and report["recipe_hash"] == result.recipe.hash()
+    assert report["command"] == f"llmq run recipe.yaml -o {out}"
     for key in ("base", "quantized"):
         m = report["metrics"][key]
         assert m["windows"] == 4 and m["seqlen"] == 64 and m["tokens"] == 4 * 63 and m["ppl"] > 1

@@ -1,0 +1,150 @@
+"""Checkpoint formats other than llmq's own: export llmq checkpoints to what servers read, import theirs.
+
+    llmq export out/w4 out/w4-gptq --format gptq                 # transformers (optimum + gptqmodel), vLLM, SGLang
+    llmq export out/w4 out/w4-ct --format compressed-tensors     # vLLM, SGLang, compressed-tensors
+    llmq import some-gptq-model out/imported                     # → llmq QuantLinear layers, llmq kernels and eval
+
+Conversions are exact: both directions go through the unpacked integer codes, scales and zero points (`QWeight`),
+and a format that cannot represent a value refuses it with a message rather than writing it wrong (see
+gptq.py for the one such case, zero point 0 in GPTQ v1). `llmq.load` imports a supported foreign checkpoint
+into a cached llmq copy on first use, so evaluation and kernels run on it transparently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import INDEX, CheckpointReader
+from ..errors import BadInputError
+from ..numerics import Scheme
+from . import compressed_tensors, gptq
+from .convert import convert, linear_shapes, quantized_layers, unquantized_linears
+from .detect import Detected, ct_weight_args, detect, read_config, unsupported_message
+from .native import LlmqCodec, imported_config, is_trivial_g_idx
+
+EXPORT_FORMATS = ("gptq", "compressed-tensors")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+__all__ = ["EXPORT_FORMATS", "ConversionResult", "Detected", "detect", "export_checkpoint", "import_checkpoint", "imported_copy"]
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    source: Detected
+    output_dir: Path
+    layers: int
+    format: str  # what was written: "gptq v1", "gptq v2", "compressed-tensors pack-quantized", "llmq"
+    notes: tuple[str, ...] = ()
+
+
+def _dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def _llmq_source(src: Path) -> tuple[Detected, LlmqCodec, torch.dtype]:
+    found = detect(src)
+    if found.kind != "llmq":
+        raise BadInputError(f"{src} is {found.label}, not an llmq checkpoint; `llmq export` reads llmq checkpoints "
+                            "(`llmq import` brings GPTQ and compressed-tensors checkpoints into llmq first)")
+    from ..hf import LlmqConfig
+
+    cfg = LlmqConfig(**{k: v for k, v in found.quantization_config.items() if k != "quant_method"})
+    return found, LlmqCodec(cfg.scheme, has_g_idx=cfg.g_idx), _dtype(read_config(src))
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_version: int = 1, overwrite: bool = False) -> ConversionResult:
+    """Write the llmq checkpoint `src` as a GPTQ (v1 or v2) or compressed-tensors pack-quantized checkpoint."""
+    from ..calibration import decoder_blocks
+    from ..models import skeleton
+    from ..report import export_card
+
+    src, dst = Path(src), Path(dst)
+    if format not in EXPORT_FORMATS:
+        raise BadInputError(f"export format {format!r} is not supported (expected one of {', '.join(EXPORT_FORMATS)})")
+    if gptq_version not in gptq.VERSIONS:
+        raise BadInputError(f"GPTQ version {gptq_version} does not exist (expected 1 or 2)")
+    found, decoder, dtype = _llmq_source(src)
+    scheme = decoder.scheme
+    shapes = linear_shapes(src)
+    layers = quantized_layers(CheckpointReader(src), decoder, shapes)
+    if format == "gptq":
+        prefix, blocks = decoder_blocks(skeleton(src))
+        per_block, in_block0 = gptq.block_layout(layers, list(shapes), prefix, len(blocks))
+        encoder = gptq.GptqCodec(scheme, gptq_version, dtype)
+        config = gptq.export_config(scheme, gptq_version, decoder.has_g_idx, prefix, per_block, in_block0)
+        label = f"gptq v{gptq_version}"
+    else:
+        if decoder.has_g_idx:
+            raise BadInputError(
+                f"{src} stores a per-column group order (g_idx: GPTQ act order without static groups), which "
+                "compressed-tensors no longer supports; re-quantize with static_groups: true, or export as GPTQ"
+            )
+        encoder = compressed_tensors.CompressedTensorsCodec(scheme, dtype)
+        config = compressed_tensors.export_config(scheme, unquantized_linears(shapes, layers))
+        label = "compressed-tensors pack-quantized"
+    convert(src, dst, decoder, encoder, lambda _: config, card=lambda: export_card(src, label, config), overwrite=overwrite,
+            desc=f"exporting as {label}")
+    return ConversionResult(found, dst, len(layers), label)
+
+
+def import_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False) -> ConversionResult:
+    """Write the GPTQ or compressed-tensors checkpoint `src` as an llmq checkpoint (QuantLinear layers)."""
+    from ..report import import_card
+
+    src, dst = Path(src), Path(dst)
+    found = detect(src)
+    if not found.importable:
+        raise BadInputError(unsupported_message(src, found, "imports"))
+    qc = found.quantization_config
+    dtype = _dtype(read_config(src))
+    shapes = linear_shapes(src)
+    if found.kind == "gptq":
+        decoder = gptq.GptqCodec(gptq.scheme_of(qc), gptq.version_of(qc))
+        g_idx = _any_real_g_idx(src, decoder.scheme, shapes)
+    else:
+        weights, _ = ct_weight_args(qc)
+        decoder = compressed_tensors.CompressedTensorsCodec(compressed_tensors.scheme_of(weights))
+        g_idx = False
+    encoder = LlmqCodec(decoder.scheme, dtype, has_g_idx=g_idx)
+
+    def llmq_config(layers: list[str]) -> dict:
+        symmetric = decoder.all_symmetric if found.kind == "gptq" else decoder.scheme.symmetric
+        scheme = Scheme(decoder.scheme.bits, decoder.scheme.group_size, symmetric)
+        return imported_config(scheme, unquantized_linears(shapes, layers), g_idx)
+
+    layers = convert(src, dst, decoder, encoder, llmq_config, card=lambda: import_card(src, found), overwrite=overwrite,
+                     desc="importing")
+    notes = []
+    if encoder.inexact_scales:
+        notes.append(f"{encoder.inexact_scales} layer(s) had scales rounded to the model's dtype {dtype} (the file stores another dtype)")
+    return ConversionResult(found, dst, len(layers), "llmq", tuple(notes))
+
+
+def _any_real_g_idx(src: Path, scheme: Scheme, shapes: dict) -> bool:
+    """Whether some layer's g_idx is more than the trivial j // group_size (read before converting: the llmq
+    config's g_idx flag holds for every layer). Reads only the small [in] g_idx tensors."""
+
+    reader = CheckpointReader(src)
+    for key in (k for k in reader.keys() if k.endswith(".g_idx")):
+        name = key.removesuffix(".g_idx")
+        if name in shapes and not is_trivial_g_idx(reader.read([key])[key], shapes[name].in_features, scheme):
+            return True
+    return False
+
+
+def imported_copy(src: str | Path) -> Path:
+    """A cached llmq copy of the foreign checkpoint `src` (made once, keyed by its path and files' sizes and times)."""
+    from ..models import cache_dir
+
+    src = Path(src).resolve()
+    stamp = [str(src)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(src.iterdir())
+                          if f.suffix == ".safetensors" or f.name in ("config.json", INDEX)]
+    target = cache_dir() / "imported" / f"{src.name}-{hashlib.sha256(chr(10).join(stamp).encode()).hexdigest()[:12]}"
+    if not (target / "config.json").is_file():
+        import_checkpoint(src, target, overwrite=target.exists())
+    return target

@@ -1,0 +1,123 @@
+"""Rewrite a quantized checkpoint from one on-disk layout to another, shard by shard.
+
+Every supported format stores a quantized Linear layer as a few tensors next to the layer's name (`qweight`,
+`scales`, ... or `weight_packed`, `weight_scale`, ...). A `Codec` reads those tensors into an exact `QWeight`
+(integer codes, scales, integer zero points) and writes a `QWeight` back; `convert` streams the checkpoint one
+shard at a time through a pair of codecs, copies every other tensor unchanged, and writes config.json last into
+a hidden folder that is renamed into place only when complete — a crash leaves nothing that loads.
+
+Because every conversion goes through the unpacked integers, the only place a format can lose information is
+its zero-point convention (GPTQ v1 stores zero - 1), and each codec refuses what it cannot represent instead of
+writing it wrong.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import INDEX, CheckpointReader, save_safetensors_atomic, write_index, write_json_atomic
+from ..errors import LlmqError
+from ..io import atomic_dir
+from ..numerics import QWeight
+from .detect import read_config
+
+# Files of a checkpoint folder that a conversion rewrites itself rather than copying.
+REWRITTEN = {"config.json", INDEX, "README.md", "report.json"}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    in_features: int
+    out_features: int
+
+
+class Codec(Protocol):
+    """How one format stores the quantized weight of one Linear layer (bias is not its business)."""
+
+    anchor: str  # the tensor suffix whose presence marks a quantized layer
+    suffixes: tuple[str, ...]  # every suffix it reads (optional ones may be absent)
+
+    def decode(self, tensors: dict[str, torch.Tensor], layer: LayerShape) -> QWeight: ...
+
+    def encode(self, qw: QWeight, layer: LayerShape) -> dict[str, torch.Tensor]: ...
+
+
+def linear_shapes(folder: Path) -> dict[str, LayerShape]:
+    """Every nn.Linear of the model in `folder`, from a meta-device skeleton built from its config (no weights)."""
+    from ..models import skeleton
+
+    return {n: LayerShape(n, m.in_features, m.out_features) for n, m in skeleton(folder).named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def quantized_layers(reader: CheckpointReader, codec: Codec, shapes: dict[str, LayerShape]) -> list[str]:
+    suffix = "." + codec.anchor
+    layers = sorted(k[: -len(suffix)] for k in reader.keys() if k.endswith(suffix))
+    unknown = [n for n in layers if n not in shapes]
+    if unknown:
+        raise LlmqError(f"{reader.folder}: quantized tensors for {unknown[0]!r}, which is not a Linear layer of this model's config")
+    if not layers:
+        raise LlmqError(f"{reader.folder}: no tensor ends in .{codec.anchor}: the weights do not match the config's quantization format")
+    return layers
+
+
+def convert(
+    src: Path,
+    dst: Path,
+    decoder: Codec,
+    encoder: Codec,
+    quantization_config: Callable[[list[str]], dict[str, Any]],
+    card: Callable[[], str] | None = None,
+    overwrite: bool = False,
+    desc: str = "converting",
+) -> list[str]:
+    """Stream `src` into a new checkpoint folder `dst`; returns the names of the converted layers.
+
+    `quantization_config(layers)` is called after every layer was converted (codecs may learn facts on the way, such
+    as whether all zero points were symmetric), and its result goes into the new config.json."""
+    src, dst = Path(src), Path(dst)
+    reader = CheckpointReader(src)
+    shapes = linear_shapes(src)
+    layers = quantized_layers(reader, decoder, shapes)
+    owned = {f"{n}.{s}" for n in layers for s in decoder.suffixes}
+    by_file: dict[str, list[str]] = {}
+    for key, file in reader.weight_map.items():
+        by_file.setdefault(file, []).append(key)
+    anchors = {f"{n}.{decoder.anchor}": n for n in layers}
+    with atomic_dir(dst, overwrite) as tmp:
+        weight_map: dict[str, str] = {}
+        for file in tqdm(reader.files(), desc=desc, unit="shard", leave=False):
+            out = reader.read(k for k in by_file[file] if k not in owned)
+            for key in by_file[file]:
+                if key not in anchors:
+                    continue
+                name = anchors[key]
+                wanted = [f"{name}.{s}" for s in decoder.suffixes if f"{name}.{s}" in reader.weight_map]
+                tensors = {k.rsplit(".", 1)[1]: t for k, t in reader.read(wanted).items()}
+                qw = decoder.decode(tensors, shapes[name])
+                out.update({f"{name}.{s}": t.contiguous() for s, t in encoder.encode(qw, shapes[name]).items()})
+            save_safetensors_atomic(out, tmp / file)
+            weight_map.update(dict.fromkeys(out, file))
+        if len(reader.files()) > 1 or (src / INDEX).is_file():
+            write_index(tmp, weight_map)
+        for f in src.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in REWRITTEN and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
+        config = read_config(src)
+        config["quantization_config"] = quantization_config(layers)
+        write_json_atomic(config, tmp / "config.json")
+        if card is not None:
+            (tmp / "README.md").write_text(card(), encoding="utf-8")
+    return layers
+
+
+def unquantized_linears(shapes: dict[str, LayerShape], quantized: list[str]) -> list[str]:
+    done = set(quantized)
+    return sorted(n for n in shapes if n not in done)
