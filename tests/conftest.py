@@ -27,14 +27,14 @@ def make_tokenizer(folder: Path):
     return tok
 
 
-def make_tiny_llama(folder: Path, seed: int = 0, hidden: int = 64, intermediate: int = 128, layers: int = 2):
+def make_tiny_llama(folder: Path, seed: int = 0, hidden: int = 64, intermediate: int = 128, layers: int = 2, tie: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     tok = make_tokenizer(folder)
     cfg = LlamaConfig(
         hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True,
+        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=tie,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     model = LlamaForCausalLM(cfg).eval()
