@@ -104,7 +104,7 @@ def _from_hub(repo_id: str) -> Path:
         return Path(
             snapshot_download(
                 repo_id,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"],
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*", "README.md"],  # README: license
                 local_files_only=constants.HF_HUB_OFFLINE,
             )
         )

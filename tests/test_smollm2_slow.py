@@ -48,3 +48,38 @@ def test_gptq_recipe_beats_rtn_at_3_bits(tmp_path):
     assert len(result.report["layers"]) == 210 and all(r["method"] == "gptq" for r in result.report["layers"])
     rtn = _run(tmp_path, "rtn-w3", {"bits": 3, "group_size": 64, "symmetric": False}, baseline=False)
     assert result.metrics["quantized"]["ppl"] < 0.8 * rtn["quantized"]["ppl"], (result.metrics, rtn)
+
+
+def test_smollm2_exports_load_in_transformers_and_import_back_exactly(tmp_path):
+    """W4g64 asymmetric RTN on SmolLM2: GPTQ export loads in plain transformers (optimum + gptqmodel) with llmq's
+    logits within fp16 rounding (2^-9 of the largest logit); GPTQ and compressed-tensors exports import back to
+    byte-identical llmq tensors."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from test_formats import PEER_LOADER, tensors
+
+    from llmq import formats
+
+    recipe = {"name": "w4", "model": "smollm2-135m", "method": "rtn", "scheme": {"bits": 4, "group_size": 64, "symmetric": False},
+              "eval": None, "output": {"dir": str(tmp_path / "w4")}}
+    src = llmq.run(recipe).output_dir
+    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = llmq.load(src, dtype=torch.float32)(ids).logits
+    for fmt in ("gptq", "compressed-tensors"):
+        done = formats.export_checkpoint(src, tmp_path / fmt, fmt, gptq_version=2)
+        back = formats.import_checkpoint(done.output_dir, tmp_path / f"{fmt}-back")
+        a, b = tensors(src), tensors(back.output_dir)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), fmt
+    torch.save(ids, tmp_path / "ids.pt")
+    job = json.dumps([[str(tmp_path / "gptq"), str(tmp_path / "peer.pt")]])
+    proc = subprocess.run([sys.executable, "-c", PEER_LOADER, job, str(tmp_path / "ids.pt")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "peer.pt")
+    if "TorchFusedLinear" in got["kinds"]:
+        pytest.xfail("GPTQModel's CPU fused kernel (no AVX512-BF16 here) drops zero points; see test_formats.py")
+    got = got["logits"]
+    assert (got - ref).abs().max().item() <= 2.0**-9 * ref.abs().max().item()

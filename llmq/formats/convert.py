@@ -28,8 +28,10 @@ from ..io import atomic_dir
 from ..numerics import QWeight
 from .detect import read_config
 
-# Files of a checkpoint folder that a conversion rewrites itself rather than copying.
-REWRITTEN = {"config.json", INDEX, "README.md", "report.json"}
+# Files of a checkpoint folder that a conversion rewrites itself rather than copying, and weight files in other
+# formats (a folder may ship .bin or .gguf copies of the same weights; the new checkpoint is safetensors only).
+REWRITTEN = {"config.json", INDEX, "README.md", "report.json", "pytorch_model.bin.index.json"}
+OTHER_WEIGHTS = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt"}
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def convert(
         if len(reader.files()) > 1 or (src / INDEX).is_file():
             write_index(tmp, weight_map)
         for f in src.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in REWRITTEN and not f.name.startswith("."):
+            if f.is_file() and f.suffix not in OTHER_WEIGHTS and f.name not in REWRITTEN and not f.name.startswith("."):
                 shutil.copy2(f, tmp / f.name)
         config = read_config(src)
         config["quantization_config"] = quantization_config(layers)

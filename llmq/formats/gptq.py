@@ -22,7 +22,7 @@ from .. import numerics
 from ..errors import BadInputError, LlmqError
 from ..numerics import QWeight, Scheme
 from .convert import LayerShape
-from .native import check_codes, is_trivial_g_idx
+from .native import check_codes, is_trivial_g_idx, unpack_gptq_layout
 
 VERSIONS = {1: "gptq", 2: "gptq_v2"}
 
@@ -37,7 +37,7 @@ class GptqCodec:
     all_symmetric: bool = field(default=True, init=False)  # learnt while decoding: every zero is 2**(bits-1)
 
     def decode(self, t: dict[str, torch.Tensor], layer: LayerShape) -> QWeight:
-        qw = numerics.unpack_qweight(t["qweight"], t["scales"], t["qzeros"], t.get("g_idx"), self.scheme, layer.in_features)
+        qw = unpack_gptq_layout(t, self.scheme, layer)
         zeros = qw.zeros + 1 if self.version == 1 else qw.zeros
         if self.version == 1 and int(zeros.max()) > self.scheme.maxq:
             n = int((zeros > self.scheme.maxq).sum())

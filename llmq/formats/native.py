@@ -30,7 +30,7 @@ class LlmqCodec:
     inexact_scales: int = field(default=0, init=False)  # layers whose scales changed when cast to `dtype`
 
     def decode(self, t: dict[str, torch.Tensor], layer: LayerShape) -> QWeight:
-        return numerics.unpack_qweight(t["qweight"], t["scales"], t["qzeros"], t.get("g_idx"), self.scheme, layer.in_features)
+        return unpack_gptq_layout(t, self.scheme, layer)
 
     def encode(self, qw: QWeight, layer: LayerShape) -> dict[str, torch.Tensor]:
         check_codes(qw, self.scheme, layer.name)
@@ -43,6 +43,23 @@ class LlmqCodec:
         tensors = numerics.pack_qweight(qw, self.scheme, self.dtype)
         self.inexact_scales += not torch.equal(tensors["scales"].to(qw.scales.dtype), qw.scales.t())
         return tensors
+
+
+def unpack_gptq_layout(t: dict[str, torch.Tensor], scheme: Scheme, layer: LayerShape) -> QWeight:
+    """qweight / scales / qzeros / g_idx (llmq's and GPTQ's layout) → QWeight with the stored zero points, after
+    checking every shape against the layer, so a foreign or damaged file is refused rather than misread."""
+    k, n, b = layer.in_features, layer.out_features, scheme.bits
+    if scheme.group_size is not None and k % scheme.group_size:
+        raise LlmqError(f"{layer.name}: in_features {k} is not a multiple of group_size {scheme.group_size} (llmq needs whole groups)")
+    g = scheme.n_groups(k)
+    expected = {"qweight": (numerics.packed_len(k, b), n), "scales": (g, n), "qzeros": (g, numerics.packed_len(n, b)), "g_idx": (k,)}
+    for key, shape in expected.items():
+        if key in t and tuple(t[key].shape) != shape:
+            raise LlmqError(f"{layer.name}.{key}: shape {tuple(t[key].shape)}, expected {shape} for {b}-bit [{n}, {k}] "
+                            f"with {g} group(s)")
+        if key != "g_idx" and key not in t:
+            raise LlmqError(f"{layer.name}: no {key} tensor")
+    return numerics.unpack_qweight(t["qweight"], t["scales"], t["qzeros"], t.get("g_idx"), scheme, k)
 
 
 def check_codes(qw: QWeight, scheme: Scheme, name: str) -> None:
