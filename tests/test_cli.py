@@ -89,9 +89,11 @@ def test_run_missing_recipe_exit_2(capsys):
 
 def test_help_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "llmq.cli", "--help"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "run" in proc.stdout and "validate" in proc.stdout
+    assert proc.returncode == 0 and all(c in proc.stdout for c in ("run", "validate", "export", "import", "inspect"))
     proc = subprocess.run([sys.executable, "-m", "llmq.cli", "run", "--help"], capture_output=True, text=True, timeout=120)
     assert "--overwrite" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "llmq.cli", "export", "--help"], capture_output=True, text=True, timeout=120)
+    assert "--gptq-version" in proc.stdout and "compressed-tensors" in proc.stdout
 
 
 def test_validate_bad_eval_data_exit_2(tmp_path, capsys):

@@ -52,6 +52,11 @@ class GptqCodec:
 
     def encode(self, qw: QWeight, layer: LayerShape) -> dict[str, torch.Tensor]:
         check_codes(qw, self.scheme, layer.name)
+        if self.scheme.bits == 3 and (layer.in_features % 32 or layer.out_features % 32):
+            raise BadInputError(
+                f"{layer.name}: [{layer.out_features}, {layer.in_features}] — 3-bit GPTQ packs whole blocks of 32 values "
+                "(3 words each) in both dimensions, and GPTQ loaders refuse a partial block; use compressed-tensors"
+            )
         zeros = qw.zeros if qw.zeros is not None else torch.full_like(qw.scales, 1 << (self.scheme.bits - 1), dtype=torch.int32)
         if self.version == 1:
             if bool((zeros == 0).any()):
