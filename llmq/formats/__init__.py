@@ -70,10 +70,11 @@ def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_versio
         raise BadInputError(f"GPTQ version {gptq_version} does not exist (expected 1 or 2)")
     found, decoder, dtype = _llmq_source(src)
     scheme = decoder.scheme
-    shapes = linear_shapes(src)
+    model = skeleton(src)
+    shapes = linear_shapes(model)
     layers = quantized_layers(CheckpointReader(src), decoder, shapes)
     if format == "gptq":
-        prefix, blocks = decoder_blocks(skeleton(src))
+        prefix, blocks = decoder_blocks(model)
         per_block, in_block0 = gptq.block_layout(layers, list(shapes), prefix, len(blocks))
         encoder = gptq.GptqCodec(scheme, gptq_version, dtype)
         config = gptq.export_config(scheme, gptq_version, decoder.has_g_idx, prefix, per_block, in_block0)
@@ -87,13 +88,14 @@ def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_versio
         encoder = compressed_tensors.CompressedTensorsCodec(scheme, dtype)
         config = compressed_tensors.export_config(scheme, unquantized_linears(shapes, layers))
         label = "compressed-tensors pack-quantized"
-    convert(src, dst, decoder, encoder, lambda _: config, card=lambda: export_card(src, label, config), overwrite=overwrite,
+    convert(src, dst, shapes, decoder, encoder, lambda _: config, card=lambda: export_card(src, label, config), overwrite=overwrite,
             desc=f"exporting as {label}")
     return ConversionResult(found, dst, len(layers), label)
 
 
 def import_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False) -> ConversionResult:
     """Write the GPTQ or compressed-tensors checkpoint `src` as an llmq checkpoint (QuantLinear layers)."""
+    from ..models import skeleton
     from ..report import import_card
 
     src, dst = Path(src), Path(dst)
@@ -102,7 +104,7 @@ def import_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False)
         raise BadInputError(unsupported_message(src, found, "imports"))
     qc = found.quantization_config
     dtype = _dtype(read_config(src))
-    shapes = linear_shapes(src)
+    shapes = linear_shapes(skeleton(src))
     if found.kind == "gptq":
         decoder = gptq.GptqCodec(gptq.scheme_of(qc), gptq.version_of(qc))
         g_idx = _any_real_g_idx(src, decoder.scheme, shapes)
@@ -117,7 +119,7 @@ def import_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False)
         scheme = Scheme(decoder.scheme.bits, decoder.scheme.group_size, symmetric)
         return imported_config(scheme, unquantized_linears(shapes, layers), g_idx)
 
-    layers = convert(src, dst, decoder, encoder, llmq_config, card=lambda: import_card(src, found), overwrite=overwrite,
+    layers = convert(src, dst, shapes, decoder, encoder, llmq_config, card=lambda: import_card(src, found), overwrite=overwrite,
                      desc="importing")
     notes = []
     if encoder.inexact_scales:
@@ -128,7 +130,6 @@ def import_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False)
 def _any_real_g_idx(src: Path, scheme: Scheme, shapes: dict) -> bool:
     """Whether some layer's g_idx is more than the trivial j // group_size (read before converting: the llmq
     config's g_idx flag holds for every layer). Reads only the small [in] g_idx tensors."""
-
     reader = CheckpointReader(src)
     for key in (k for k in reader.keys() if k.endswith(".g_idx")):
         name = key.removesuffix(".g_idx")

@@ -52,11 +52,9 @@ class Codec(Protocol):
     def encode(self, qw: QWeight, layer: LayerShape) -> dict[str, torch.Tensor]: ...
 
 
-def linear_shapes(folder: Path) -> dict[str, LayerShape]:
-    """Every nn.Linear of the model in `folder`, from a meta-device skeleton built from its config (no weights)."""
-    from ..models import skeleton
-
-    return {n: LayerShape(n, m.in_features, m.out_features) for n, m in skeleton(folder).named_modules() if isinstance(m, torch.nn.Linear)}
+def linear_shapes(model: torch.nn.Module) -> dict[str, LayerShape]:
+    """Every nn.Linear of `model` (a meta-device skeleton: see models.skeleton) by full name."""
+    return {n: LayerShape(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def quantized_layers(reader: CheckpointReader, codec: Codec, shapes: dict[str, LayerShape]) -> list[str]:
@@ -73,6 +71,7 @@ def quantized_layers(reader: CheckpointReader, codec: Codec, shapes: dict[str, L
 def convert(
     src: Path,
     dst: Path,
+    shapes: dict[str, LayerShape],
     decoder: Codec,
     encoder: Codec,
     quantization_config: Callable[[list[str]], dict[str, Any]],
@@ -80,13 +79,13 @@ def convert(
     overwrite: bool = False,
     desc: str = "converting",
 ) -> list[str]:
-    """Stream `src` into a new checkpoint folder `dst`; returns the names of the converted layers.
+    """Stream `src` into a new checkpoint folder `dst`; returns the names of the converted layers. `shapes` are the
+    model's Linear layers (`linear_shapes`), which say each quantized layer's true in/out features.
 
     `quantization_config(layers)` is called after every layer was converted (codecs may learn facts on the way, such
     as whether all zero points were symmetric), and its result goes into the new config.json."""
     src, dst = Path(src), Path(dst)
     reader = CheckpointReader(src)
-    shapes = linear_shapes(src)
     layers = quantized_layers(reader, decoder, shapes)
     owned = {f"{n}.{s}" for n in layers for s in decoder.suffixes}
     by_file: dict[str, list[str]] = {}
