@@ -51,9 +51,10 @@ def test_gptq_recipe_beats_rtn_at_3_bits(tmp_path):
 
 
 def test_smollm2_exports_load_in_transformers_and_import_back_exactly(tmp_path):
-    """W4g64 asymmetric RTN on SmolLM2: GPTQ export loads in plain transformers (optimum + gptqmodel) with llmq's
-    logits within fp16 rounding (2^-9 of the largest logit); GPTQ and compressed-tensors exports import back to
-    byte-identical llmq tensors."""
+    """W4g64 asymmetric RTN on SmolLM2: GPTQ and compressed-tensors exports import back to byte-identical llmq
+    tensors, and the GPTQ export loads in plain transformers (optimum + gptqmodel). GPTQModel's CPU kernel here runs
+    bf16 activations through 30 blocks, so its logits must match llmq's within 2^-7 of the largest logit (bf16
+    rounding; measured 3.6e-3 on GPTQ W4g64, eval/results/interop_smollm2.md), not the fp16 bound of the tiny tests."""
     import json
     import subprocess
     import sys
@@ -82,4 +83,4 @@ def test_smollm2_exports_load_in_transformers_and_import_back_exactly(tmp_path):
     if "TorchFusedLinear" in got["kinds"]:
         pytest.xfail("GPTQModel's CPU fused kernel (no AVX512-BF16 here) drops zero points; see test_formats.py")
     got = got["logits"]
-    assert (got - ref).abs().max().item() <= 2.0**-9 * ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= 2.0**-7 * ref.abs().max().item()
