@@ -103,20 +103,28 @@ def main() -> None:
     for pkg in ("transformers", "optimum", "gptqmodel", "compressed-tensors"):
         meta[pkg] = version(pkg)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render(rows, meta, args.windows))
+    print(render(rows, meta, args.windows))
+
+
+def render(rows: list[dict], meta: dict, windows: int) -> str:
+    def cell(e: dict) -> str:
+        return f"{e['ppl']:.3f}" if "ppl" in e else ("load failed: " + e["transformers_load"].split(":")[1].strip() if "transformers_load" in e else "-")
+
+    def delta(e: dict) -> str:
+        return f"{e['max_abs_logit_diff']:.2g} of {e['max_abs_logit']:.1f}" if "ppl" in e else "-"
+
     lines = [
-        f"Command: `python eval/interop_smollm2.py` — wiki, {args.windows} x 2048 tokens, fp32, 2 CPU cores. {meta}",
+        f"Command: `python eval/interop_smollm2.py` — wiki, {windows} x 2048 tokens, fp32, 2 CPU cores. {meta}",
         "",
         "| recipe | llmq ppl | GPTQ export (loader kernel) | GPTQ ppl | max logit Δ | CT ppl | max logit Δ | round trips byte-identical |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         g, c = r["gptq"], r["compressed-tensors"]
-        cell = (lambda e: f"{e['ppl']:.3f}" if "ppl" in e else e.get("transformers_load", "-"))
-        delta = (lambda e: f"{e['max_abs_logit_diff']:.2g} of {e['max_abs_logit']:.1f}" if "ppl" in e else "-")
         lines.append(f"| {r['recipe']} | {r['llmq']['ppl']:.3f} | {g['format']} ({', '.join(g.get('kernels', []))}) | {cell(g)} | "
                      f"{delta(g)} | {cell(c)} | {delta(c)} | {g['round_trip_byte_identical'] and c['round_trip_byte_identical']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,10 @@ class CheckpointReader:
         """The shard files in the order they first appear in the index (or the one file)."""
         return list(dict.fromkeys(self.weight_map.values()))
 
-    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The tensors `keys` as stored (dtype unchanged), each file opened once for the read and closed after:
-        safetensors maps files into memory, and pages of a mapping that stays open fill this process's RSS."""
+    def read(self, keys: Iterable[str], convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors `keys` as stored (or passed through `convert` one at a time, so the stored copy of only one
+        tensor is alive at once), each file opened once for the read and closed after: safetensors maps files into
+        memory, and pages of a mapping that stays open fill this process's RSS."""
         by_file: dict[str, list[str]] = {}
         for k in keys:
             if k not in self.weight_map:
@@ -64,7 +65,7 @@ class CheckpointReader:
             try:
                 with safe_open(self.folder / name, framework="pt") as fh:
                     for k in file_keys:
-                        out[k] = fh.get_tensor(k)
+                        out[k] = fh.get_tensor(k) if convert is None else convert(fh.get_tensor(k))
             except (SafetensorError, OSError) as e:
                 raise LlmqError(f"{self.folder / name}: corrupt, truncated or missing safetensors file ({e})") from None
         return out
@@ -74,12 +75,12 @@ class CheckpointReader:
         missing = [prefix + k for k in keys if prefix + k not in self.weight_map]
         if missing:
             raise LlmqError(f"{self.folder}: the checkpoint has no tensor {missing[0]!r} that the model needs")
-        raw = self.read(prefix + k for k in keys)
-        sd = {}
-        for k in keys:
-            t = raw.pop(prefix + k)
-            sd[k] = t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype, copy=True)
-        module.load_state_dict(sd, strict=False, assign=True)
+
+        def to_fp32(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+
+        read = self.read((prefix + k for k in keys), convert=to_fp32)
+        module.load_state_dict({k: read[prefix + k] for k in keys}, strict=False, assign=True)
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
