@@ -5,7 +5,8 @@
     model = llmq.load("out/quickstart")                   # == AutoModelForCausalLM.from_pretrained, checked
 
 Importing llmq registers `quant_method: "llmq"` with transformers, so `AutoModelForCausalLM.from_pretrained`
-loads llmq checkpoints as QuantLinear layers.
+loads llmq checkpoints as QuantLinear layers. `llmq.formats` exports them to GPTQ / compressed-tensors and imports
+those formats back.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -15,7 +16,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-from . import calibration
+from . import calibration, formats
 from . import hf as _hf
 from .errors import BadInputError, LlmqError
 from .models import load_model as load
@@ -27,5 +28,5 @@ _hf.register()
 
 __all__ = [
     "BadInputError", "LlmqError", "QWeight", "Recipe", "Scheme", "__version__",
-    "calibration", "load", "quantize", "run", "validate",
+    "calibration", "formats", "load", "quantize", "run", "validate",
 ]
