@@ -206,6 +206,64 @@ def test_gptqmodel_dequantizes_our_gptq_layer_to_our_weights(bits, version):
     assert torch.equal(layer.dequantize_weight().t(), ours)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_import_reads_what_gptqmodel_packs(bits):
+    """Theirs → ours: GPTQModel's own packer (v2, true zero points) and its own v2 → v1 conversion produce layer
+    tensors that llmq decodes to exactly the integers they were packed from (zero points from 1: v1 cannot hold 0)."""
+    gm = pytest.importorskip("gptqmodel.nn_modules.qlinear.torch")
+    from gptqmodel.quantization.config import QuantizeConfig
+    from gptqmodel.utils.model import convert_gptq_v2_to_v1_format_module
+
+    scheme, out, inp = Scheme(bits, 32, False), 64, 128
+    qw = random_qweight(out, inp, scheme, torch.Generator().manual_seed(10 + bits), lowest_zero=1)
+    qw = qw._replace(scales=qw.scales.half().float())  # GPTQModel stores fp16 scales
+    linear = torch.nn.Linear(inp, out, bias=False)
+    linear.weight.data = numerics.dequantize(qw, scheme)
+    layer = gm.TorchLinear(bits, 32, False, False, inp, out, False)
+    layer.pack_block(linear, qw.scales.clone(), qw.zeros.clone(), numerics.default_g_idx(inp, scheme))
+    shape = LayerShape("l", inp, out)
+    for version in (2, 1):
+        if version == 1:
+            convert_gptq_v2_to_v1_format_module(layer, QuantizeConfig(bits=bits, group_size=32, sym=False))
+        t = {k: getattr(layer, k).clone() for k in ("qweight", "scales", "qzeros", "g_idx")}
+        back = gptq.GptqCodec(scheme, version).decode(t, shape)
+        assert torch.equal(back.q, qw.q) and torch.equal(back.zeros, qw.zeros), version
+        assert torch.equal(back.scales.float(), qw.scales) and back.g_idx is None
+
+
+def test_import_reads_a_checkpoint_compressed_tensors_wrote(tiny_model_dir, tmp_path):
+    """Theirs → ours, whole checkpoint: compressed-tensors' own ModelCompressor writes an asymmetric W4g32
+    pack-quantized checkpoint (as llm-compressor does); llmq imports it and computes what its decompressor says."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+    scheme = Scheme(4, 32, False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    weights = ct.export_config(scheme, [])["config_groups"]["group_0"]["weights"]
+    apply_quantization_config(model, QuantizationConfig.model_validate({
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"],
+        "format": "pack-quantized", "quantization_status": "calibration"}))
+    for name, module in model.named_modules():
+        if hasattr(module, "weight_scale"):
+            s, z = numerics.minmax_qparams(module.weight.data, scheme)
+            module.weight_scale.data.copy_(s)
+            module.weight_zero_point.data.copy_((z - 8).to(torch.int8))
+            qw = numerics.quantize(module.weight.data, scheme, s, z)
+            dense.get_submodule(name).weight.data = numerics.dequantize(qw, scheme)  # what the file means
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(tmp_path / "theirs")
+    compressor.update_config(tmp_path / "theirs")
+    assert formats.detect(tmp_path / "theirs").importable
+
+    done = formats.import_checkpoint(tmp_path / "theirs", tmp_path / "ours")
+    assert done.layers == 14
+    with torch.no_grad():
+        assert torch.equal(llmq.load(done.output_dir, dtype=torch.float32)(INPUT).logits, dense(INPUT).logits)
+
+
 @pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.group_size is None or 96 % s.group_size == 0], ids=str)
 def test_compressed_tensors_own_packer_and_decompressor_agree(scheme):
     """compressed-tensors' pack_to_int32 gives our bytes, and its PackedQuantizationCompressor.decompress turns
