@@ -45,7 +45,9 @@ class CompressedTensorsCodec:
             raise LlmqError(f"{layer.name}: weight_packed has shape {tuple(t['weight_packed'].shape)}, expected "
                             f"{(out, numerics.packed_len(inp, b))} for {b}-bit [{out}, {inp}]")
         q = numerics.unpack(t["weight_packed"].t().contiguous(), b, inp).t()
-        scales = t["weight_scale"].reshape(out, -1)
+        scales = t["weight_scale"]
+        if tuple(scales.shape) != (out, self.scheme.n_groups(inp)):
+            raise LlmqError(f"{layer.name}: weight_scale has shape {tuple(scales.shape)}, expected {(out, self.scheme.n_groups(inp))}")
         zeros = None
         if not self.scheme.symmetric:
             if "weight_zero_point" not in t:
