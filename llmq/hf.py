@@ -10,8 +10,6 @@ registered (plain Linear layers with random weights under an llmq config) — wh
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -142,13 +140,6 @@ def check_loaded(model: torch.nn.Module) -> None:
             "this model's config says quant_method 'llmq' but it holds no QuantLinear layers: it was loaded without "
             "llmq registered, so its Linear weights are random. `import llmq` before from_pretrained."
         )
-
-
-def read_quantization_config(folder: str | Path) -> dict[str, Any] | None:
-    cfg = Path(folder) / "config.json"
-    if not cfg.is_file():
-        return None
-    return json.loads(cfg.read_text()).get("quantization_config")
 
 
 def register() -> None:

@@ -27,7 +27,6 @@ from .detect import Detected, ct_weight_args, detect, read_config, unsupported_m
 from .native import LlmqCodec, imported_config, is_trivial_g_idx
 
 EXPORT_FORMATS = ("gptq", "compressed-tensors")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 __all__ = ["EXPORT_FORMATS", "ConversionResult", "Detected", "detect", "export_checkpoint", "import_checkpoint", "imported_copy"]
 
@@ -42,6 +41,9 @@ class ConversionResult:
 
 
 def _dtype(config: dict) -> torch.dtype:
+    """The dtype a checkpoint's config.json says its model is built in (what llmq's loader gives the scales)."""
+    from ..pipeline import DTYPES
+
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
 
