@@ -94,8 +94,9 @@ def _ppl_line(name: str, m: dict) -> str:
 
 
 def _scheme_words(s: dict[str, Any]) -> str:
-    group = "per-channel" if s["group_size"] is None else f"group size {s['group_size']}"
-    return f"{s['bits']}-bit, {group}, {'symmetric' if s['symmetric'] else 'asymmetric'}"
+    from .formats.detect import scheme_words
+
+    return scheme_words(s["bits"], s["group_size"], s["symmetric"])
 
 
 def _header(report: dict[str, Any], tags: list[str], extra: dict[str, Any] | None = None) -> list[str]:

@@ -133,11 +133,8 @@ def _any_real_g_idx(src: Path, scheme: Scheme, shapes: dict) -> bool:
     """Whether some layer's g_idx is more than the trivial j // group_size (read before converting: the llmq
     config's g_idx flag holds for every layer). Reads only the small [in] g_idx tensors."""
     reader = CheckpointReader(src)
-    for key in (k for k in reader.keys() if k.endswith(".g_idx")):
-        name = key.removesuffix(".g_idx")
-        if name in shapes and not is_trivial_g_idx(reader.read([key])[key], shapes[name].in_features, scheme):
-            return True
-    return False
+    keys = [k for k in reader.keys() if k.endswith(".g_idx") and k.removesuffix(".g_idx") in shapes]
+    return any(not is_trivial_g_idx(t, shapes[k.removesuffix(".g_idx")].in_features, scheme) for k, t in reader.read(keys).items())
 
 
 def imported_copy(src: str | Path) -> Path:

@@ -44,7 +44,7 @@ def detect(folder: str | Path) -> Detected:
         return Detected("unknown", "a checkpoint with an unreadable quantization_config", problem="quantization_config is not a mapping")
     method = str(qc.get("quant_method", "")).lower()
     if method == "llmq":
-        return Detected("llmq", f"an llmq checkpoint ({_int_label(qc.get('bits'), qc.get('group_size'), qc.get('sym'))})",
+        return Detected("llmq", f"an llmq checkpoint ({scheme_words(qc.get('bits'), qc.get('group_size'), qc.get('sym'))})",
                         quantization_config=qc)
     if method == "gptq":
         return _gptq(qc)
@@ -56,7 +56,8 @@ def detect(folder: str | Path) -> Detected:
     return Detected(method or "unknown", f"a {method or 'unknown'}-quantized checkpoint", problem=f"quant_method {method!r} is not a format llmq reads", quantization_config=qc)
 
 
-def _int_label(bits, group_size, sym) -> str:
+def scheme_words(bits, group_size, sym) -> str:
+    """'4-bit, group 64, asymmetric': a scheme in words, for messages and model cards."""
     group = "per-channel" if group_size in (None, -1) else f"group {group_size}"
     return f"{bits}-bit, {group}, {'symmetric' if sym else 'asymmetric'}"
 
@@ -64,7 +65,7 @@ def _int_label(bits, group_size, sym) -> str:
 def _gptq(qc: dict[str, Any]) -> Detected:
     fmt = str(qc.get("checkpoint_format", qc.get("format", "gptq"))).lower()
     version = {"gptq": "v1", "gptq_v2": "v2"}.get(fmt)
-    label = f"a GPTQ {version or fmt} checkpoint ({_int_label(qc.get('bits'), qc.get('group_size'), qc.get('sym', True))})"
+    label = f"a GPTQ {version or fmt} checkpoint ({scheme_words(qc.get('bits'), qc.get('group_size'), qc.get('sym', True))})"
     if version is None:
         return Detected("gptq", label, problem=f"GPTQ checkpoint_format {fmt!r} (llmq reads 'gptq' and 'gptq_v2')", quantization_config=qc)
     if qc.get("bits") not in (2, 3, 4, 8):
@@ -103,7 +104,7 @@ def _compressed_tensors(qc: dict[str, Any]) -> Detected:
     w, problem = ct_weight_args(qc)
     if w is None:
         return Detected("compressed-tensors", f"a compressed-tensors {qc.get('format')} checkpoint", problem=problem, quantization_config=qc)
-    label = f"a compressed-tensors pack-quantized checkpoint ({_int_label(w['num_bits'], w.get('group_size'), w.get('symmetric', True))})"
+    label = f"a compressed-tensors pack-quantized checkpoint ({scheme_words(w['num_bits'], w.get('group_size'), w.get('symmetric', True))})"
     if qc.get("quantization_status") not in (None, "compressed"):
         return Detected("compressed-tensors", label, problem=f"quantization_status {qc.get('quantization_status')!r} (llmq reads compressed checkpoints)", quantization_config=qc)
     return Detected("compressed-tensors", label, importable=True, quantization_config=qc)
