@@ -62,6 +62,8 @@ class _Plan:
 
 
 def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
+    if METHODS[recipe.method.name].quantize_block is None:
+        raise LlmqError(f"method {recipe.method.name} trains the whole model; it has no block-by-block walk")
     layers = targeted_linears(model, recipe.targets, recipe.ignore)
     check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
     prefix, blocks = decoder_blocks(model)

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="path to a recipe YAML file")
     run.add_argument("-o", "--output", help="output folder (default: the recipe's output.dir, else out/<recipe name>)")
     run.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run (an error if there is none); a rerun of the same recipe "
+                          "resumes by itself anyway, PTQ at the next block, QAT at its last training checkpoint")
 
     val = sub.add_parser("validate", help="check a recipe without running it",
                          description="Validate a recipe: keys, types, values, and (unless --no-model) that its scheme "
@@ -78,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             from .pipeline import run
 
-            result = run(args.recipe, overwrite=args.overwrite, output_dir=args.output)
-            print(f"done: {result.output_dir} (report.json, README.md, model.safetensors)")
+            result = run(args.recipe, overwrite=args.overwrite, output_dir=args.output, resume=args.resume)
+            if result is not None:  # None: a non-main process of a distributed run
+                print(f"done: {result.output_dir} (report.json, README.md, model.safetensors)")
         elif args.command in ("export", "import"):
             from . import formats
 

@@ -107,6 +107,31 @@ class LlmqHfQuantizer(HfQuantizer):
         return False
 
 
+def install_quantized(
+    model: torch.nn.Module,
+    scheme: Scheme,
+    qweights: dict,
+    dtype: torch.dtype,
+    targets: list[str],
+    ignore: list[str],
+    has_g_idx: bool = False,
+) -> None:
+    """Make an in-memory model what `from_pretrained` builds from an llmq checkpoint: floating parameters cast to
+    `dtype` (computed buffers such as rotary inv_freq stay fp32, as from_pretrained(dtype=...) leaves them), the
+    layers named in `qweights` swapped for QuantLinear holding them, and the llmq quantization_config attached,
+    so `save_pretrained` writes a checkpoint. Every method's in-memory result goes through here."""
+    from . import __version__
+
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    model.config.dtype = dtype
+    replace_linears(model, scheme, list(qweights), dtype, qweights, has_g_idx=has_g_idx)
+    model.config.quantization_config = LlmqConfig(
+        bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric, format=scheme.format,
+        targets=targets, ignore=ignore, g_idx=has_g_idx, llmq_version=__version__,
+    )
+
+
 def check_checkpoint_keys(files: list[str], layer_names: list[str], has_g_idx: bool) -> None:
     """Refuse checkpoint files that are unreadable or do not hold exactly the packed tensors of these layers."""
     keys: set[str] = set()

@@ -113,9 +113,10 @@ def zero_values(zeros: Tensor | None, scales: Tensor, scheme: Scheme) -> Tensor:
     return zeros.float()
 
 
-def round_to_grid(w: Tensor, s: Tensor, z: Tensor, maxq: int) -> Tensor:
-    """The codes clamp(round(w / s) + z, 0, maxq) as floats; s and z broadcast against w."""
-    return torch.clamp(torch.round(w / s) + z, 0, maxq)
+def round_to_grid(w: Tensor, s: Tensor, z: Tensor, maxq: int, rounding=torch.round) -> Tensor:
+    """The codes clamp(round(w / s) + z, 0, maxq) as floats; s and z broadcast against w. `rounding` is
+    torch.round, or `round_ste` where gradients must flow (learnable qparams in QAT): the same values."""
+    return torch.clamp(rounding(w / s) + z, 0, maxq)
 
 
 def from_grid(q: Tensor, s: Tensor, z: Tensor) -> Tensor:
@@ -166,6 +167,42 @@ def fake_quantize(
 ) -> Tensor:
     """dequantize(quantize(w)) with a straight-through gradient for QAT; bit-identical forward."""
     return _FakeQuantSTE.apply(w, scheme, scales, zeros, g_idx)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """torch.round forward (bit-identical), identity gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to nearest with a straight-through gradient. (Not `x + (x.round() - x).detach()`: in floating point
+    that sum is not always exactly x.round(), and QAT's converted model must equal the fake-quant one exactly.)"""
+    return _RoundSTE.apply(x)
+
+
+def fake_quantize_learnable(
+    w: Tensor, scheme: Scheme, scales: Tensor, zeros: Tensor | None = None, g_idx: Tensor | None = None
+) -> Tensor:
+    """dequantize(quantize(w, scheme, scales, round(zeros))) that is differentiable in w, scales and zeros (LSQ):
+    rounding passes gradients straight through, the clamp to [0, maxq] stops them for clipped elements, and the
+    scale gets the gradient of both the division and the multiplication. `zeros` are floats [out, n_groups],
+    rounded and clamped to [0, maxq] here (None = symmetric). The forward values are bit-identical to
+    `dequantize(quantize(...))` with those integer zero points, so converting a QAT model changes nothing."""
+    inp = w.shape[1]
+    if zeros is None:
+        z_groups = zero_values(None, scales, scheme)
+    else:
+        z_groups = torch.clamp(round_ste(zeros), 0, scheme.maxq)
+    s = _expand(scales.float(), g_idx, inp, scheme)
+    z = _expand(z_groups.float(), g_idx, inp, scheme)
+    return from_grid(round_to_grid(w.float(), s, z, scheme.maxq, rounding=round_ste), s, z).to(w.dtype)
 
 
 def mse_qparams(

@@ -1,14 +1,17 @@
 """`llmq run`: the whole job of one recipe, in the order of DESIGN.md ("The flow of llmq run").
 
-validate → resolve model → check shapes on a meta copy → tokenize evaluation and calibration text → evaluate
-the base → quantize block by block from disk into a hidden partial folder (resumable) → move it into place →
-reload from disk with `from_pretrained` → evaluate what was saved → report.json, model card, terminal table.
-Every check that can fail on user input runs before the first heavy step.
+validate → resolve model → check shapes on a meta copy → tokenize evaluation, calibration and training text →
+evaluate the base → quantize into a hidden partial folder (resumable: PTQ block by block from disk, QAT from its
+training checkpoints) → move it into place → reload from disk with `from_pretrained` → evaluate what was saved →
+report.json, model card, terminal table. Every check that can fail on user input runs before the first heavy step.
+
+Under `accelerate launch` (QAT on several processes) every process trains; only the main one evaluates and writes.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -22,10 +25,10 @@ from rich.console import Console
 from . import blockwise, calibration, data, models, report
 from .errors import BadInputError
 from .evaluate import Perplexity, perplexity
-from .hf import LlmqConfig
+from .hf import install_quantized
 from .io import check_output_free, move_into_place, partial_dir
-from .methods import METHODS
-from .modules import replace_linears, targeted_linears
+from .methods import needs_calibration, qat
+from .modules import targeted_linears
 from .recipe import Recipe, check_against_layers
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -70,51 +73,69 @@ def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Re
     recipe = as_recipe(recipe)
     if recipe.eval is not None:
         data.load_text(recipe.eval.data)  # a wrong data spec fails here, not after quantizing
-    if METHODS[recipe.method.name].needs_calibration:
+    if needs_calibration(recipe.method):
         data.load_text(recipe.calibration.data)
+    if recipe.training is not None:
+        data.load_text(recipe.training.data)
     if check_model:
         check_model_shapes(recipe, models.resolve(recipe.model))
     return recipe
 
 
-def quantize(model: torch.nn.Module, recipe: Recipe, calibration: torch.Tensor | None = None) -> list[str]:
+def quantize(
+    model: torch.nn.Module, recipe: Recipe, calibration: torch.Tensor | None = None, training: torch.Tensor | None = None
+) -> list[str]:
     """Quantize a model in memory, in place (targeted Linear → QuantLinear), and attach its llmq
-    quantization_config. `calibration` ([n, seqlen] token ids) is needed by methods that calibrate (gptq)."""
+    quantization_config. `calibration` ([n, seqlen] token ids) is needed by methods that calibrate (gptq, qat with
+    init gptq); `training` ([n, seqlen] token ids of training text) by qat."""
     scheme = recipe.scheme.to_scheme()
     dtype = DTYPES[recipe.output.dtype]
     layers = targeted_linears(model, recipe.targets, recipe.ignore)
     check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
-    if METHODS[recipe.method.name].needs_calibration and calibration is None:
+    if needs_calibration(recipe.method) and calibration is None:
         raise BadInputError(f"method {recipe.method.name} needs calibration token windows ([n, seqlen] token ids)")
-    qweights, summary = blockwise.quantize_model(model, recipe, dtype, calibration)
-    # cast parameters only, as from_pretrained(dtype=...) would: computed buffers (rotary inv_freq) stay fp32
-    for param in model.parameters():
-        param.data = param.data.to(dtype)
-    model.config.dtype = dtype
-    replace_linears(model, scheme, list(layers), dtype, qweights, has_g_idx=summary.has_g_idx)
-    from . import __version__
-
-    model.config.quantization_config = LlmqConfig(
-        bits=scheme.bits,
-        group_size=scheme.group_size,
-        sym=scheme.symmetric,
-        format=scheme.format,
-        targets=recipe.targets,
-        ignore=recipe.ignore,
-        g_idx=summary.has_g_idx,
-        llmq_version=__version__,
-    )
+    if recipe.method.name == "qat":
+        if training is None:
+            raise BadInputError("method qat needs training token windows ([n, seqlen] token ids)")
+        done = qat.quantize_model(model.float(), recipe, dtype, training, calibration)
+        qweights, has_g_idx = done.qweights, done.has_g_idx
+    else:
+        qweights, summary = blockwise.quantize_model(model, recipe, dtype, calibration)
+        has_g_idx = summary.has_g_idx
+    install_quantized(model, scheme, qweights, dtype, recipe.targets, recipe.ignore, has_g_idx=has_g_idx)
     return list(layers)
 
 
-def run(recipe: Recipe | str | Path | dict, overwrite: bool = False, output_dir: str | Path | None = None, console=None) -> RunResult:
-    """Run a recipe end to end; returns the result (also written as report.json in the output folder)."""
+def is_main_process() -> bool:
+    """False only in the non-main processes of a distributed launch (accelerate launch / torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def run(
+    recipe: Recipe | str | Path | dict,
+    overwrite: bool = False,
+    output_dir: str | Path | None = None,
+    console=None,
+    resume: bool = False,
+) -> RunResult | None:
+    """Run a recipe end to end; returns the result (also written as report.json in the output folder).
+
+    An interrupted run of the same recipe resumes by itself; `resume=True` insists on it (an error when there is
+    nothing to resume). Non-main processes of a distributed QAT run train and return None."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     recipe = as_recipe(recipe)
     out = Path(output_dir) if output_dir is not None else recipe.output_dir
     check_output_free(out, overwrite)
-    say = (console or Console()).print
+    work = partial_dir(out)
+    if resume and not (work.is_dir() and any(work.iterdir())):
+        raise BadInputError(f"--resume: there is no interrupted run of {str(out)!r} to resume ({work} is missing or empty)")
+    main = is_main_process()
+    say = (console or Console(quiet=not main)).print
 
     t = time.perf_counter()
     base_dir = models.resolve(recipe.model)
@@ -124,15 +145,20 @@ def run(recipe: Recipe | str | Path | dict, overwrite: bool = False, output_dir:
     if recipe.eval is not None:
         ids = data.tokenize_corpus(tokenizer, data.load_text(recipe.eval.data))
         windows = data.eval_windows(ids, recipe.eval.seqlen, recipe.eval.max_windows)
-    calib = None
-    if METHODS[recipe.method.name].needs_calibration:
+    calib = train = None
+    if needs_calibration(recipe.method):
         c = recipe.calibration
         calib = calibration.calibration_batches(c, tokenizer)
         say(f"calibration: {c.n_samples} windows x {c.seqlen} tokens of {c.data!r} (seed {c.seed})")
+    if recipe.training is not None:
+        tc = recipe.training
+        # consecutive non-overlapping windows of the training text (the same cut as the perplexity protocol's)
+        train = data.eval_windows(data.tokenize_corpus(tokenizer, data.load_text(tc.data)), tc.seqlen, None)
+        say(f"training text: {train.shape[0]} windows x {tc.seqlen} tokens of {tc.data!r}")
     timings["prepare_s"] = time.perf_counter() - t
 
     metrics: dict[str, Perplexity] = {}
-    if windows is not None and recipe.eval.baseline:
+    if windows is not None and recipe.eval.baseline and main:
         t = time.perf_counter()
         model = models.load_model(base_dir, dtype=torch.float32)
         timings["load_base_s"] = time.perf_counter() - t
@@ -142,10 +168,28 @@ def run(recipe: Recipe | str | Path | dict, overwrite: bool = False, output_dir:
         del model
         gc.collect()
 
-    say(f"quantizing with {recipe.method.name} ({scheme_label(recipe)}), one decoder block at a time")
-    work = partial_dir(out)
     dtype = DTYPES[recipe.output.dtype]
-    summary = blockwise.quantize_checkpoint(recipe, base_dir, work, dtype, calib, log=layer_printer(say), say=say)
+    extra: dict[str, Any] = {}
+    if recipe.method.name == "qat":
+        say(f"quantization-aware training ({scheme_label(recipe)}), starting from {recipe.method.init}")
+
+        def evaluate_init(model):
+            if windows is not None and main:
+                say("evaluating the initial (PTQ) model: the fake-quant model before training")
+                metrics["init"] = perplexity(model, windows, recipe.eval.data, recipe.eval.batch_size, desc="init ppl")
+                timings["eval_init_s"] = metrics["init"].seconds
+
+        summary, trained = qat.quantize_checkpoint(
+            recipe, base_dir, work, dtype, train, calib, evaluate_init=evaluate_init, log=layer_printer(say), say=say,
+            main=main,
+        )
+        if not main:
+            return None
+        extra["qat"] = {"init": recipe.method.init, "init_seconds": round(trained.init_seconds, 3),
+                        "training": trained.train.to_dict()}
+    else:
+        say(f"quantizing with {recipe.method.name} ({scheme_label(recipe)}), one decoder block at a time")
+        summary = blockwise.quantize_checkpoint(recipe, base_dir, work, dtype, calib, log=layer_printer(say), say=say)
     timings["quantize_s"] = summary.seconds
     names = summary.layers
 
@@ -166,7 +210,7 @@ def run(recipe: Recipe | str | Path | dict, overwrite: bool = False, output_dir:
 
     result = RunResult(recipe, out, base_dir, timings, {k: v.to_dict() for k, v in metrics.items()})
     result.report = report.write(
-        result, quantized_layers=names, layer_rows=summary.rows, quantization={"resumed_at_block": summary.resumed_at_block},
+        result, quantized_layers=names, layer_rows=summary.rows, quantization={"resumed_at_block": summary.resumed_at_block, **extra},
         command=f"llmq run recipe.yaml -o {shlex.quote(str(out))}",
     )
     say(report.table(result))

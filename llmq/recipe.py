@@ -1,7 +1,7 @@
 """Recipes: the one YAML file that says what llmq should do, validated before any heavy work starts.
 
-A recipe names a model, a method (rtn, gptq; qat slots into `IMPLEMENTED_METHODS` when it lands), a scheme
-(bits, grouping, symmetry), which Linear layers to target or ignore, calibration data, evaluation and output.
+A recipe names a model, a method (rtn, gptq, qat), a scheme (bits, grouping, symmetry), which Linear layers to
+target or ignore, calibration data, QAT's training run, evaluation and output.
 Validation is strict (unknown keys are errors, so typos never silently fall back to defaults) and every
 problem is reported as one line naming the key path and what was expected. Checks that need the model's
 shapes (does the group size divide every targeted layer?) live in `check_against_layers`, called once the
@@ -33,8 +33,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Methods llmq knows by name; the ones without an implementation yet are refused at validation time.
 METHOD_NAMES = ("rtn", "gptq", "qat")
-IMPLEMENTED_METHODS = ("rtn", "gptq")
+IMPLEMENTED_METHODS = ("rtn", "gptq", "qat")
 GPTQ_KEYS = ("damp", "block_size", "act_order", "static_groups", "true_sequential", "clip_weights")
+QAT_KEYS = ("init", "train_weights", "learn_scales", "learn_zero_points")
 
 
 class _Strict(BaseModel):
@@ -89,6 +90,11 @@ class MethodConfig(_Strict):
     `static_groups` (group qparams from the original weights: no g_idx on disk), `true_sequential`
     (inside a block, each group of layers is calibrated on the outputs of the already-quantized earlier ones),
     `clip_weights: hessian` (the clipping search weighs each input column's error by its Hessian diagonal).
+
+    QAT only: `init` (rtn or gptq: where the fake-quant weights, scales and zero points start; with gptq the GPTQ
+    keys above apply to that initialisation), `train_weights` (the latent full-precision weights are trained),
+    `learn_scales` / `learn_zero_points` (LSQ-style learnable quantization parameters). The training run itself
+    is the recipe's `training:` section.
     """
 
     name: Literal["rtn", "gptq", "qat"] = "rtn"
@@ -102,6 +108,10 @@ class MethodConfig(_Strict):
     static_groups: bool = False
     true_sequential: bool = True
     clip_weights: Literal["uniform", "hessian"] = "uniform"
+    init: Literal["rtn", "gptq"] = "rtn"
+    train_weights: bool = True
+    learn_scales: bool = True
+    learn_zero_points: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -116,11 +126,24 @@ class MethodConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _gptq_keys_need_gptq(self) -> MethodConfig:
-        stray = [k for k in GPTQ_KEYS if getattr(self, k) != type(self).model_fields[k].default]
-        if stray and self.name != "gptq":
-            raise ValueError(f"{stray[0]} applies to method gptq only, not {self.name!r}")
+    def _keys_fit_method(self) -> MethodConfig:
+        def changed(keys):
+            return [k for k in keys if getattr(self, k) != type(self).model_fields[k].default]
+
+        stray = changed(GPTQ_KEYS)
+        if stray and not (self.name == "gptq" or (self.name == "qat" and self.init == "gptq")):
+            raise ValueError(f"{stray[0]} applies to method gptq (or qat with init: gptq) only, not {self.name!r}")
+        stray = changed(QAT_KEYS)
+        if stray and self.name != "qat":
+            raise ValueError(f"{stray[0]} applies to method qat only, not {self.name!r}")
+        if self.name == "qat" and not (self.train_weights or self.learn_scales or self.learn_zero_points):
+            raise ValueError("qat with train_weights, learn_scales and learn_zero_points all false has nothing to train")
         return self
+
+    @property
+    def init_method(self) -> str:
+        """The PTQ method whose result a QAT run starts from (the method itself for rtn and gptq)."""
+        return self.init if self.name == "qat" else self.name
 
 
 class CalibrationConfig(_Strict):
@@ -129,6 +152,63 @@ class CalibrationConfig(_Strict):
     seqlen: int = Field(512, ge=8)
     seed: int = 0
     batch_size: int = Field(4, ge=1)  # windows per forward pass through a block (peak RSS: ~40 MB per window on SmolLM2, measured)
+
+
+class BudgetConfig(_Strict):
+    """How long QAT trains: exactly one of optimizer `steps`, training `tokens` (rounded up to whole steps), or
+    wall-clock `minutes` for the whole method, initialisation included (turned into a step count once, after
+    timing one step, and kept on resume so an interrupted run ends where an uninterrupted one would)."""
+
+    steps: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1)
+    minutes: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_number(cls, data: Any) -> Any:
+        return {"steps": data} if isinstance(data, int) and not isinstance(data, bool) else data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BudgetConfig:
+        given = [k for k in ("steps", "tokens", "minutes") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of steps, tokens or minutes (got {', '.join(given) or 'none'})")
+        return self
+
+
+class TrainingConfig(_Strict):
+    """QAT's fine-tune: `batch_size` windows of `seqlen` tokens of `data` per optimizer step (across all
+    processes), `micro_batch_size` per forward pass (gradient accumulation makes up the rest). AdamW with linear
+    warm-up over `warmup` (fraction of the steps) then cosine decay to zero; `lr` for the weights, `qparam_lr`
+    for scales and zero points. `loss: kd` distils the full-precision model's next-token distribution (KL at
+    `kd_temperature`; the teacher runs without gradients), `loss: next_token` is plain cross-entropy.
+    `checkpoint_every` steps the training state is saved in the partial output folder, so a killed run resumes
+    (bit-identical to an uninterrupted one on the same machine). `autocast: auto` = bf16 on GPU, fp32 on CPU."""
+
+    data: str = "lambada"
+    seqlen: int = Field(512, ge=8)
+    batch_size: int = Field(8, ge=1)
+    micro_batch_size: int = Field(2, ge=1)
+    budget: BudgetConfig = BudgetConfig(steps=100)
+    loss: Literal["kd", "next_token"] = "kd"
+    kd_temperature: float = Field(1.0, gt=0.0, le=100.0)
+    lr: float = Field(1e-5, ge=0.0, le=1.0)
+    qparam_lr: float = Field(1e-4, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    warmup: float = Field(0.05, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(25, ge=1)
+    seed: int = 0
+    autocast: Literal["auto", "bf16", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _micro_divides(self) -> TrainingConfig:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size}"
+            )
+        return self
 
 
 class EvalConfig(_Strict):
@@ -154,6 +234,7 @@ class Recipe(_Strict):
     targets: list[str] = [r".*"]
     ignore: list[str] = [r"lm_head"]
     calibration: CalibrationConfig = CalibrationConfig()
+    training: TrainingConfig | None = None  # QAT only; default TrainingConfig() when method is qat
     eval: EvalConfig | None = EvalConfig()
     output: OutputConfig = OutputConfig()
 
@@ -175,10 +256,22 @@ class Recipe(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _qat_trains(self) -> Recipe:
+        if self.method.name == "qat" and self.training is None:
+            object.__setattr__(self, "training", TrainingConfig())
+        return self
+
+    @model_validator(mode="after")
     def _distinct_data(self) -> Recipe:
         if self.eval is not None and self.eval.data == self.calibration.data:
             raise ValueError(
                 f"calibration.data and eval.data are both {self.eval.data!r}: never calibrate on the evaluation text"
+            )
+        if self.training is not None and self.method.name != "qat":
+            raise ValueError(f"training applies to method qat only, not {self.method.name!r}")
+        if self.eval is not None and self.training is not None and self.eval.data == self.training.data:
+            raise ValueError(
+                f"training.data and eval.data are both {self.eval.data!r}: never train on the evaluation text"
             )
         return self
 

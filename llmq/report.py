@@ -17,7 +17,7 @@ import yaml
 from rich.table import Table
 
 from . import models
-from .recipe import GPTQ_KEYS
+from .recipe import GPTQ_KEYS, QAT_KEYS
 
 REPORT_VERSION = 2
 
@@ -45,6 +45,8 @@ def build(
         b, q = metrics["base"]["ppl"], metrics["quantized"]["ppl"]
         metrics["ppl_increase"] = q - b
         metrics["ppl_increase_rel"] = q / b - 1
+        if "init" in metrics and metrics["init"]["ppl"] != b:
+            metrics["qat_recovery"] = (metrics["init"]["ppl"] - q) / (metrics["init"]["ppl"] - b)
     return {
         "report_version": REPORT_VERSION,
         "llmq_version": __version__,
@@ -114,7 +116,8 @@ def _header(report: dict[str, Any], tags: list[str], extra: dict[str, Any] | Non
             "group_size": s["group_size"],
             "symmetric": s["symmetric"],
             "clip": r["method"]["clip"],
-            **({k: r["method"][k] for k in GPTQ_KEYS} if r["method"]["name"] == "gptq" else {}),
+            **({k: r["method"][k] for k in GPTQ_KEYS} if _uses_gptq(r["method"]) else {}),
+            **({k: r["method"][k] for k in QAT_KEYS} if r["method"]["name"] == "qat" else {}),
             **(extra or {}),
         },
     }
@@ -126,9 +129,13 @@ def _evaluation_lines(report: dict[str, Any]) -> list[str]:
     if not m:
         return ["No evaluation was run."]
     lines = [PROTOCOL, "", "| model | perplexity | corpus | seqlen | windows | predicted tokens |", "|---|---|---|---|---|---|"]
-    lines += [_ppl_line(name, m[name]) for name in ("base", "quantized") if name in m]
+    names = {"base": "base", "init": f"init ({report['recipe']['method']['init']}, before QAT)", "quantized": "quantized"}
+    lines += [_ppl_line(label, m[name]) for name, label in names.items() if name in m]
     if "ppl_increase" in m:
         lines += ["", f"Perplexity increase: {m['ppl_increase']:+.3f} ({m['ppl_increase_rel']:+.2%})."]
+    if "qat_recovery" in m:
+        lines += [f"QAT recovered {m['qat_recovery']:.1%} of what the initial quantization lost: "
+                  "(ppl_init - ppl_qat) / (ppl_init - ppl_base)."]
     return lines
 
 
@@ -169,6 +176,7 @@ def model_card(report: dict[str, Any]) -> str:
         "weights with per-group scales and zero points (llmq format; load with `import llmq` before `from_pretrained`).",
         "",
         *_calibration_lines(r),
+        *_training_lines(report),
         "## Evaluation",
         "",
         *_evaluation_lines(report),
@@ -253,8 +261,34 @@ def import_card(src: Path, found) -> str:
     ])
 
 
+def _training_lines(report: dict[str, Any]) -> list[str]:
+    r, qat = report["recipe"], report["quantization"].get("qat")
+    if qat is None:
+        return []
+    t, m, stats = r["training"], r["method"], qat["training"]
+    learns = [w for w, on in (("the weights", m["train_weights"]), ("the scales", m["learn_scales"]),
+                              ("the zero points", m["learn_zero_points"] and not r["scheme"]["symmetric"])) if on]
+    loss = f"distillation from the base model (KL at temperature {t['kd_temperature']})" if t["loss"] == "kd" else "next-token cross-entropy"
+    return [
+        "## Quantization-aware training",
+        "",
+        f"Started from {m['init']} ({qat['init_seconds']:.0f} s), then trained {', '.join(learns)} of the quantized layers "
+        f"through their fake-quantized forward for {stats['steps']} steps x {stats['batch_tokens']:,} tokens "
+        f"({stats['tokens']:,} tokens of `{t['data']}`, never the evaluation text) on {stats['processes']} process(es); "
+        f"loss: {loss}; AdamW, lr {t['lr']:g} (weights) / {t['qparam_lr']:g} (scales, zero points), "
+        f"{t['warmup']:.0%} warm-up then cosine. Final training loss {stats['losses'][-1]:.4f} "
+        f"(first step {stats['losses'][0]:.4f}). Layers that are not quantized keep the base model's values.",
+        "",
+    ]
+
+
+def _uses_gptq(method: dict[str, Any]) -> bool:
+    """GPTQ made the weights, or QAT's starting point (reports from before QAT have no `init` key)."""
+    return method["name"] == "gptq" or (method["name"] == "qat" and method.get("init") == "gptq")
+
+
 def _calibration_lines(r: dict[str, Any]) -> list[str]:
-    if r["method"]["name"] != "gptq":
+    if not _uses_gptq(r["method"]):
         return ["No calibration data: round-to-nearest reads the weights only.", ""]
     c, m = r["calibration"], r["method"]
     opts = ", ".join(f"{k}={m[k]}" for k in GPTQ_KEYS)
@@ -273,9 +307,11 @@ def table(result) -> Table:
     for col in ("model", "perplexity", "windows x seqlen", "tokens", "size MB", "eval s"):
         t.add_column(col, justify="right" if col != "model" else "left")
     sizes = result.report.get("sizes", {})
-    rows = {"base": sizes.get("base_bytes"), "quantized": sizes.get("quantized_bytes")}
+    rows = {"base": sizes.get("base_bytes"), "init": None, "quantized": sizes.get("quantized_bytes")}
     for name, nbytes in rows.items():
         m = result.metrics.get(name)
+        if m is None and name == "init":
+            continue
         if m is None:
             t.add_row(name, "-", "-", "-", f"{nbytes / 1e6:.1f}" if nbytes else "-", "-")
             continue

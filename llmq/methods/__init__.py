@@ -1,25 +1,37 @@
 """Quantization methods, registered by name in an explicit dict (no package scanning).
 
-A method quantizes the targeted Linear layers of one decoder block at a time:
+PTQ methods quantize the targeted Linear layers of one decoder block at a time:
 `quantize_block(block, names, job) -> {name: QWeight}` with names relative to the block and a `BlockJob`
 holding the scheme, the recipe's method section and, when `needs_calibration`, the calibration activations
 entering the block. The block walk (blockwise.py) feeds blocks one at a time, from memory or from disk; turning
-QWeights into runtime modules is `modules.replace_linears`' job.
+QWeights into runtime modules is `modules.replace_linears`' job. QAT (qat.py) trains the whole model at once
+and starts from one of the block methods' results; it has no `quantize_block`.
 """
 
 from collections.abc import Callable
 from typing import NamedTuple
 
+from ..recipe import MethodConfig
 from .gptq import gptq_block
 from .job import BlockJob
 from .rtn import rtn_block
 
 
 class Method(NamedTuple):
-    quantize_block: Callable
+    quantize_block: Callable | None  # None: a whole-model method (qat), not a block walk
     needs_calibration: bool
 
 
-METHODS = {"rtn": Method(rtn_block, needs_calibration=False), "gptq": Method(gptq_block, needs_calibration=True)}
+METHODS = {
+    "rtn": Method(rtn_block, needs_calibration=False),
+    "gptq": Method(gptq_block, needs_calibration=True),
+    "qat": Method(None, needs_calibration=False),
+}
 
-__all__ = ["METHODS", "BlockJob", "Method"]
+
+def needs_calibration(method: MethodConfig) -> bool:
+    """Whether a recipe's method needs calibration windows: GPTQ does, and so does QAT started from GPTQ."""
+    return METHODS[method.init_method].needs_calibration
+
+
+__all__ = ["METHODS", "BlockJob", "Method", "needs_calibration"]
