@@ -112,7 +112,7 @@ def is_main_process() -> bool:
         return True
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 def run(

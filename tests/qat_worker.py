@@ -1,7 +1,7 @@
 """A QAT run on a saved tiny model, for tests that launch it as one process or under `accelerate launch`.
 
     python qat_worker.py MODEL_DIR OUT.pt [--steps N]
-    accelerate launch --cpu --num_processes 2 qat_worker.py MODEL_DIR OUT.pt
+    accelerate launch --multi_gpu --num_processes 2 qat_worker.py MODEL_DIR OUT.pt   (gloo CPU processes without GPUs)
 
 Trains from RTN with a fixed recipe (global batch 4 windows, micro-batches of 2) on random token windows and, on
 the main process, saves the converted QWeights' dequantized weights and the per-step losses to OUT.pt.

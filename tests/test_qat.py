@@ -235,6 +235,23 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_d
     assert differ <= total * 1e-3  # a rounding tie may fall the other way; nothing more
 
 
+def test_llmq_run_under_accelerate_launch_trains_on_two_processes_and_writes_once(tiny_recipe, tmp_path):
+    recipe = {**tiny_recipe, "method": {"name": "qat", "init": "rtn"}, "scheme": {"bits": 3, "group_size": 32},
+              "training": {"data": tiny_recipe["eval"]["data"] + ".train.txt", "seqlen": 32, "batch_size": 4,
+                           "micro_batch_size": 2, "budget": 2}}
+    Path(recipe["training"]["data"]).write_text(Path(tiny_recipe["eval"]["data"]).read_text()[::-1])
+    path = tmp_path / "qat.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    res = subprocess.run([*launch, "-m", "llmq.cli", "run", str(path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("done: ") == 1  # only the main process evaluates and writes
+    report = yaml.safe_load((Path(recipe["output"]["dir"]) / "report.json").read_text())
+    assert report["quantization"]["qat"]["training"]["processes"] == 2
+
+
 # --------------------------------------------------------------------------------------------- llmq run
 
 
