@@ -135,6 +135,8 @@ def run(
     if resume and not (work.is_dir() and any(work.iterdir())):
         raise BadInputError(f"--resume: there is no interrupted run of {str(out)!r} to resume ({work} is missing or empty)")
     main = is_main_process()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and recipe.method.name != "qat":
+        raise BadInputError(f"method {recipe.method.name} runs in one process; only qat trains on several (accelerate launch)")
     say = (console or Console(quiet=not main)).print
 
     t = time.perf_counter()

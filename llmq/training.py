@@ -192,7 +192,11 @@ def fine_tune(
     stats = TrainStats(steps=total_steps, batch_tokens=cfg.batch_size * seqlen, processes=world)
     start = 0
     if state is not None:
-        acc.unwrap_model(model).load_state_dict(state["model"], strict=False)
+        unwrapped = acc.unwrap_model(model)
+        absent = [k for k in unwrapped.state_dict() if keep_in_state(k) and k not in state["model"]]
+        unexpected = unwrapped.load_state_dict(state["model"], strict=False).unexpected_keys
+        if unexpected or absent:
+            raise LlmqError(f"{state_path} does not fit this model ({(unexpected or absent)[0]}); remove it to start over")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = stats.resumed_at_step = int(state["step"])

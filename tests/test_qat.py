@@ -225,7 +225,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_d
                    capture_output=True)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    res = subprocess.run([*launch, str(worker), str(tiny_model_dir), str(two), "4"], env=env, capture_output=True, text=True)
+    res = subprocess.run([*launch, str(worker), str(tiny_model_dir), str(two), "4"], env=env, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
     assert (a["processes"], b["processes"]) == (1, 2)
@@ -245,7 +245,7 @@ def test_llmq_run_under_accelerate_launch_trains_on_two_processes_and_writes_onc
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     res = subprocess.run([*launch, "-m", "llmq.cli", "run", str(path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("done: ") == 1  # only the main process evaluates and writes
     report = yaml.safe_load((Path(recipe["output"]["dir"]) / "report.json").read_text())
