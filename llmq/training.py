@@ -240,8 +240,8 @@ def fine_tune(
 
 
 def _budget_steps(cfg: TrainingConfig, seqlen: int, deadline: float | None, one_step, model, say) -> int:
-    """Optimizer steps the budget allows; `minutes` times one forward + backward of a step (its gradients are
-    dropped, no update is made) and fits whole steps into the time left before `deadline`."""
+    """Optimizer steps the budget allows; `minutes` times the forward + backward of a step twice (gradients dropped,
+    no update made) and fits whole steps of the faster time into what is left before `deadline`."""
     budget = cfg.budget
     if budget.steps is not None:
         return budget.steps
@@ -249,11 +249,14 @@ def _budget_steps(cfg: TrainingConfig, seqlen: int, deadline: float | None, one_
         return max(1, math.ceil(budget.tokens / (cfg.batch_size * seqlen)))
     if deadline is None:
         raise LlmqError("training.budget.minutes needs a deadline")
-    t = time.perf_counter()
-    one_step()
-    for p in model.parameters():
-        p.grad = None
-    per_step = (time.perf_counter() - t) * 1.03  # optimizer step and logging on top of forward + backward
+    times = []
+    for _ in range(2):  # the first pass pays one-off costs (allocations, kernel choice): it overestimated by ~30%
+        t = time.perf_counter()
+        one_step()
+        for p in model.parameters():
+            p.grad = None
+        times.append(time.perf_counter() - t)
+    per_step = min(times) * 1.05  # optimizer step and logging on top of forward + backward
     left = deadline - time.perf_counter()
     steps = max(1, int(left // per_step))
     say(f"budget {budget.minutes:g} min: one step takes {per_step:.1f} s, {left:.0f} s left -> {steps} steps")
