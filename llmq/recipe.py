@@ -157,7 +157,7 @@ class CalibrationConfig(_Strict):
 class BudgetConfig(_Strict):
     """How long QAT trains: exactly one of optimizer `steps`, training `tokens` (rounded up to whole steps), or
     wall-clock `minutes` for the whole method, initialisation included (turned into a step count once, after
-    timing one step, and kept on resume so an interrupted run ends where an uninterrupted one would)."""
+    timing a step twice, and kept on resume so an interrupted run ends where an uninterrupted one would)."""
 
     steps: int | None = Field(None, ge=1)
     tokens: int | None = Field(None, ge=1)

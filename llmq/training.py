@@ -133,7 +133,7 @@ def fine_tune(
     """Train `student` in place on token windows [n, seqlen]; returns what ran.
 
     `key` identifies the run (recipe and base model): a saved state with another key is refused, never reused.
-    `deadline` (a time.perf_counter() value) turns a `budget.minutes` recipe into a step count, after timing one
+    `deadline` (a time.perf_counter() value) turns a `budget.minutes` recipe into a step count, after timing a
     step; that count is saved with the state, so a resumed run stops where an uninterrupted one would.
     `stop_after` ends this invocation after that many steps in all (tests of resume use it to simulate a kill).
     """
