@@ -59,8 +59,9 @@ def test_learnable_fake_quantize_with_g_idx_equals_reference():
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_learnable_fake_quantize_gradients_are_lsq(symmetric):
-    """d ŵ/d w = 1 inside the grid, 0 where clamped; d ŵ/d s = round(w/s) + z - z... per element, i.e.
-    (q - z) - w/s inside the grid and (q - z) where clamped (LSQ); d ŵ/d z = -s where clamped only... summed."""
+    """With q = clamp(round(w/s) + z, 0, maxq) and ŵ = (q - z)·s, straight-through rounding gives per element:
+    dŵ/dw = 1 inside the grid, 0 where clamped; dŵ/ds = (q - z) - w/s inside, (q - z) where clamped (LSQ);
+    dŵ/dz = -s where clamped, 0 inside. Per-group parameters collect the sum over their elements."""
     scheme, gen = Scheme(3, None, symmetric), torch.Generator().manual_seed(5)
     w = torch.randn(6, 40, generator=gen)
     scales, zf = numerics.minmax_qparams(w, scheme)
