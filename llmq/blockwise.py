@@ -14,7 +14,6 @@ activations; this file only walks, loads, writes and resumes.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import memory, numerics
 from .calibration import capture_inputs, decoder_blocks, linear_clusters
-from .checkpoint import CheckpointReader, write_index
+from .checkpoint import CheckpointReader, torch_save_atomic, write_index
 from .checkpoint import save_safetensors_atomic as _save_atomic
 from .checkpoint import write_json_atomic as _write_json_atomic
 from .errors import LlmqError
@@ -171,9 +170,7 @@ def _finish_block(work: Path, shard: str, tensors: dict, activations: list | Non
     copy safetensors' writer makes (75 MB per block on SmolLM2)."""
     _save_atomic(tensors, work / shard)
     if activations is not None:
-        tmp = work / (ACTIVATIONS + ".tmp")
-        torch.save(activations, tmp)
-        os.replace(tmp, work / ACTIVATIONS)
+        torch_save_atomic(activations, work / ACTIVATIONS)
     _write_json_atomic(progress, work / PROGRESS)
 
 

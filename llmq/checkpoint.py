@@ -89,6 +89,13 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> Non
     os.replace(tmp, path)
 
 
+def torch_save_atomic(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file and a rename: internal resume files (activations, training state)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")

@@ -106,9 +106,14 @@ def quantize(
     return list(layers)
 
 
+def world_size() -> int:
+    """How many processes a distributed launch (accelerate launch / torchrun) started; 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
-    """False only in the non-main processes of a distributed launch (accelerate launch / torchrun)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """False only in the non-main processes of a distributed launch."""
+    if world_size() <= 1:
         return True
     from accelerate import PartialState
 
@@ -135,7 +140,7 @@ def run(
     if resume and not (work.is_dir() and any(work.iterdir())):
         raise BadInputError(f"--resume: there is no interrupted run of {str(out)!r} to resume ({work} is missing or empty)")
     main = is_main_process()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and recipe.method.name != "qat":
+    if world_size() > 1 and recipe.method.name != "qat":
         raise BadInputError(f"method {recipe.method.name} runs in one process; only qat trains on several (accelerate launch)")
     say = (console or Console(quiet=not main)).print
 

@@ -131,7 +131,7 @@ class MethodConfig(_Strict):
             return [k for k in keys if getattr(self, k) != type(self).model_fields[k].default]
 
         stray = changed(GPTQ_KEYS)
-        if stray and not (self.name == "gptq" or (self.name == "qat" and self.init == "gptq")):
+        if stray and self.init_method != "gptq":
             raise ValueError(f"{stray[0]} applies to method gptq (or qat with init: gptq) only, not {self.name!r}")
         stray = changed(QAT_KEYS)
         if stray and self.name != "qat":

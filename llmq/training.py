@@ -21,7 +21,6 @@ evaluation. Only parameters with requires_grad train; everything else stays as i
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import torch_save_atomic
 from .errors import LlmqError
 from .recipe import TrainingConfig
 
@@ -109,12 +109,6 @@ def param_groups(model: nn.Module, cfg: TrainingConfig, qparam_names: tuple[str,
 def trainable_state(model: nn.Module, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
     """The state_dict entries a checkpoint must hold to restore training (`keep` selects them by name)."""
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if keep(k)}
-
-
-def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def fine_tune(
@@ -205,11 +199,11 @@ def fine_tune(
 
     def checkpoint(step: int) -> None:
         if state_path is not None and acc.is_main_process:
-            _save_state(state_path, {
+            torch_save_atomic({
                 "key": key, "step": step, "total_steps": total_steps, "losses": stats.losses,
                 "model": trainable_state(acc.unwrap_model(model), keep_in_state),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            })
+            }, state_path)
         acc.wait_for_everyone()
 
     t0 = time.perf_counter()

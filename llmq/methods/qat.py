@@ -73,9 +73,7 @@ def prepare(model: nn.Module, qweights: dict[str, QWeight], scheme: Scheme, scal
     Linear layers), so the fake-quant model starts exactly at the PTQ model."""
     model.requires_grad_(False)
     for name, qw in qweights.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FakeQuantLinear(getattr(parent, child), qw, scheme, scale_dtype, method))
+        model.set_submodule(name, FakeQuantLinear(model.get_submodule(name), qw, scheme, scale_dtype, method))
 
 
 def fake_quant_layers(model: nn.Module) -> dict[str, FakeQuantLinear]:
