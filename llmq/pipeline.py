@@ -22,9 +22,11 @@ import torch
 import yaml
 from rich.console import Console
 
-from . import blockwise, calibration, data, models, report
+from . import blockwise, calibration, data, models, report, suites
 from .errors import BadInputError
-from .evaluate import Perplexity, perplexity
+from .evaluate import Perplexity, evaluate_suite, perplexity
+from .gate import GateFailed
+from .gate import check as check_gate
 from .hf import install_quantized
 from .io import check_output_free, move_into_place, partial_dir
 from .methods import needs_calibration, qat
@@ -73,6 +75,7 @@ def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Re
     recipe = as_recipe(recipe)
     if recipe.eval is not None:
         data.load_text(recipe.eval.data)  # a wrong data spec fails here, not after quantizing
+        eval_suite(recipe)  # a wrong suite, task name or threshold key too
     if needs_calibration(recipe.method):
         data.load_text(recipe.calibration.data)
     if recipe.training is not None:
@@ -80,6 +83,19 @@ def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Re
     if check_model:
         check_model_shapes(recipe, models.resolve(recipe.model))
     return recipe
+
+
+def eval_suite(recipe: Recipe) -> suites.Suite | None:
+    """The recipe's eval suite (limit applied), checked against its thresholds; None when it names none."""
+    ev = recipe.eval
+    if ev is None or ev.suite is None:
+        return None
+    suite = suites.load(ev.suite).with_limit(ev.limit)
+    for task in ev.thresholds.min_recovery if ev.thresholds else {}:
+        if suite.task(task) is None:
+            raise BadInputError(f"eval.thresholds.min_recovery.{task}: suite {suite.name!r} has no task {task!r} "
+                                f"(its tasks: {', '.join(t.label for t in suite.tasks)})")
+    return suite
 
 
 def quantize(
@@ -213,14 +229,41 @@ def run(
         say(f"evaluating quantized model reloaded from {out}")
         metrics["quantized"] = perplexity(qmodel, windows, recipe.eval.data, recipe.eval.batch_size, desc="quantized ppl")
         timings["eval_quantized_s"] = metrics["quantized"].seconds
+    suite = eval_suite(recipe)
+    tasks: dict[str, Any] = {}
+    if suite is not None:
+        from .results import ResultsStore
+
+        t = time.perf_counter()
+        store = ResultsStore(recipe.eval.store)
+        if recipe.eval.baseline:
+            say(f"suite {suite.name!r} on the base model")
+            base_run = evaluate_suite(str(base_dir), suite, store, name=recipe.model, say=say)
+            tasks["base"] = base_run.by_label()
+        say(f"suite {suite.name!r} on the quantized model")
+        q_run = evaluate_suite(str(out), suite, store, base=recipe.model, model=qmodel, tokenizer=tokenizer, say=say)
+        tasks["quantized"] = q_run.by_label()
+        tasks["suite"], tasks["store"] = suite.name, str(store.path)
+        timings["eval_suite_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 
-    result = RunResult(recipe, out, base_dir, timings, {k: v.to_dict() for k, v in metrics.items()})
+    all_metrics = {k: v.to_dict() for k, v in metrics.items()}
+    if tasks:
+        all_metrics["tasks"] = tasks
+    result = RunResult(recipe, out, base_dir, timings, all_metrics)
+    misses = None
+    thresholds = recipe.eval.thresholds if recipe.eval is not None else None
+    if thresholds is not None:
+        ppl = [metrics[k].ppl if k in metrics else None for k in ("base", "quantized")]
+        misses = check_gate(thresholds, tasks.get("base", {}), tasks.get("quantized", {}), *ppl)
     result.report = report.write(
         result, quantized_layers=names, layer_rows=summary.rows, quantization={"resumed_at_block": summary.resumed_at_block, **extra},
         command=f"llmq run recipe.yaml -o {shlex.quote(str(out))}",
+        gate=None if misses is None else {"thresholds": thresholds.model_dump(), "passed": not misses, "misses": misses},
     )
     say(report.table(result))
+    if misses:
+        raise GateFailed("regression gate failed: " + "; ".join(misses) + f" (the model and its report are in {out})")
     return result
 
 

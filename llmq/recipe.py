@@ -211,14 +211,48 @@ class TrainingConfig(_Strict):
         return self
 
 
-class EvalConfig(_Strict):
+class PerplexityConfig(_Strict):
     """Perplexity protocol: non-overlapping windows of `seqlen` tokens of `data`, the first `max_windows`."""
 
     data: str = "wiki"
     seqlen: int = Field(2048, ge=8)
     max_windows: int | None = Field(16, ge=1)
     batch_size: int = Field(1, ge=1)
+
+
+class Thresholds(_Strict):
+    """The regression gate: a miss makes `llmq run` exit non-zero (3) with the task and the numbers."""
+
+    min_recovery: dict[str, float] = {}  # suite task label -> least quantized / base score (e.g. arc_easy: 0.97)
+    max_ppl_increase: float | None = Field(None, ge=0)  # most relative perplexity increase (0.10 = +10%)
+
+    @field_validator("min_recovery")
+    @classmethod
+    def _ratios(cls, v: dict[str, float]) -> dict[str, float]:
+        for task, ratio in v.items():
+            if not 0 < ratio <= 2:
+                raise ValueError(f"{task}: {ratio} is not a recovery ratio (quantized / base score, e.g. 0.97)")
+        return v
+
+
+class EvalConfig(PerplexityConfig):
+    """The perplexity protocol (always), an lm-eval suite on base and quantized (optional), and the gate."""
+
     baseline: bool = True  # evaluate the full-precision model too
+    suite: str | None = None  # an eval suite by name (quick, leaderboard) or path; None: perplexity only
+    limit: int | None = Field(None, ge=1)  # replaces every suite task's limit
+    store: str | None = None  # results store file (default: $LLMQ_RESULTS or ~/.cache/llmq/results.jsonl)
+    thresholds: Thresholds | None = None
+
+    @model_validator(mode="after")
+    def _gate_has_numbers(self) -> EvalConfig:
+        if self.thresholds is None:
+            return self
+        if self.thresholds.min_recovery and self.suite is None:
+            raise ValueError("thresholds.min_recovery needs eval.suite (the tasks whose recovery it checks)")
+        if not self.baseline:
+            raise ValueError("thresholds compare with the base model: they need eval.baseline: true")
+        return self
 
 
 class OutputConfig(_Strict):

@@ -17,6 +17,7 @@ import yaml
 from rich.table import Table
 
 from . import models
+from .evaluate import recovery
 from .recipe import GPTQ_KEYS, QAT_KEYS
 
 REPORT_VERSION = 2
@@ -34,7 +35,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def build(
     result, quantized_layers: list[str], layer_rows: list[dict[str, Any]] | None = None, quantization: dict | None = None,
-    command: str | None = None,
+    command: str | None = None, gate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from . import __version__
 
@@ -70,15 +71,16 @@ def build(
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "metrics": metrics,
         "quantization": quantization or {},
+        **({"gate": gate} if gate is not None else {}),
         "layers": layer_rows or [],
     }
 
 
 def write(
     result, quantized_layers: list[str], layer_rows: list[dict[str, Any]] | None = None, quantization: dict | None = None,
-    command: str | None = None,
+    command: str | None = None, gate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    report = build(result, quantized_layers, layer_rows, quantization, command)
+    report = build(result, quantized_layers, layer_rows, quantization, command, gate)
     out = Path(result.output_dir)
     _write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     _write_atomic(out / "README.md", model_card(report))
@@ -136,7 +138,35 @@ def _evaluation_lines(report: dict[str, Any]) -> list[str]:
     if "qat_recovery" in m:
         lines += [f"QAT recovered {m['qat_recovery']:.1%} of what the initial quantization lost: "
                   "(ppl_init - ppl_qat) / (ppl_init - ppl_base)."]
+    return lines + _task_lines(m.get("tasks")) + _gate_lines(report.get("gate"))
+
+
+def _task_lines(tasks: dict[str, Any] | None) -> list[str]:
+    """The suite's tasks, base against quantized, with standard errors and recovery (quantized / base)."""
+    if not tasks or "quantized" not in tasks:
+        return []
+    base, quant = tasks.get("base", {}), tasks["quantized"]
+    lines = ["", f"Tasks (lm-eval, suite `{tasks['suite']}`; results store `{tasks['store']}`):", "",
+             "| task | shots | documents | metric | base | quantized | recovery |", "|---|---|---|---|---|---|---|"]
+    for label, q in quant.items():
+        metric, b = q["metric"], base.get(label)
+        rec = recovery(metric, b["metrics"][metric], q["metrics"][metric]) if b else None
+        lines.append(f"| {label} | {q['shots']} | {q['samples']} | {metric} | {_score(b, metric) if b else '-'} | "
+                     f"{_score(q, metric)} | {'-' if rec is None else f'{rec:.1%}'} |")
     return lines
+
+
+def _score(record: dict[str, Any], metric: str) -> str:
+    value, stderr = record["metrics"][metric], record["metrics"].get(f"{metric}_stderr")
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+
+def _gate_lines(gate: dict[str, Any] | None) -> list[str]:
+    if gate is None:
+        return []
+    if gate["passed"]:
+        return ["", f"Regression gate: passed ({json.dumps(gate['thresholds'])})."]
+    return ["", "Regression gate: **failed**:", "", *[f"- {miss}" for miss in gate["misses"]]]
 
 
 def _size_lines(report: dict[str, Any]) -> list[str]:

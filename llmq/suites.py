@@ -1,0 +1,88 @@
+"""Evaluation suites: which lm-eval tasks, at how many shots, on how many documents, scored by which metric.
+
+Why it exists: a leaderboard row means something only if every row ran the same tasks the same way, so the choice
+lives in data (``eval/suites/<name>.yaml``), validated here before any model is loaded. A suite names tasks by
+their lm-eval task name (``llmq_arc_easy``); tables, thresholds and the leaderboard use the short label
+(``arc_easy``). A suite may also run the perplexity protocol (DESIGN.md) and add its own task folders (``include``,
+relative to the suite file), which is how tests and users bring tasks of their own.
+
+Deliberately not here: running anything (evaluate.py, harness.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError
+
+from .errors import BadInputError
+from .recipe import PerplexityConfig, _first_error, _Strict
+
+SUITES_DIRS = (
+    Path(__file__).resolve().parents[1] / "eval" / "suites",  # a source checkout (and editable installs)
+    Path(sys.prefix) / "share" / "llmq" / "suites",  # a wheel install (pyproject data-files)
+)
+
+
+class TaskSpec(_Strict):
+    task: str = Field(min_length=1)  # lm-eval task or group name
+    shots: int = Field(0, ge=0)
+    limit: int | None = Field(None, ge=1)  # documents (per subtask for a group); None = all
+    metric: str = "acc"  # the number tables, averages and recovery use
+
+    @property
+    def label(self) -> str:
+        return self.task.removeprefix("llmq_")
+
+
+class Suite(_Strict):
+    name: str = Field(min_length=1)
+    description: str = ""
+    perplexity: PerplexityConfig | None = None
+    tasks: list[TaskSpec] = []
+    include: list[str] = []  # extra lm-eval task folders, relative to the suite file
+
+    def with_limit(self, limit: int | None) -> Suite:
+        """The same suite with every task's limit replaced (``--limit``); unchanged for None."""
+        if limit is None:
+            return self
+        return self.model_copy(update={"tasks": [t.model_copy(update={"limit": limit}) for t in self.tasks]})
+
+    def task(self, name: str) -> TaskSpec | None:
+        """The task whose label or lm-eval name is `name`."""
+        return next((t for t in self.tasks if name in (t.label, t.task)), None)
+
+
+def available() -> list[str]:
+    return sorted({p.stem for d in SUITES_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def load(spec: str, check_tasks: bool = True) -> Suite:
+    """A suite by name (``quick``, ``leaderboard``: eval/suites/<name>.yaml) or by path to a YAML file; its task
+    names are checked against lm-eval's task index unless `check_tasks` is False."""
+    path = Path(spec).expanduser()
+    if not (spec.endswith((".yaml", ".yml")) and path.is_file()):
+        path = next((d / f"{spec}.yaml" for d in SUITES_DIRS if (d / f"{spec}.yaml").is_file()), None)
+        if path is None:
+            raise BadInputError(f"suite {spec!r} not found: expected one of {', '.join(available()) or '(none installed)'} "
+                                "or a path to a suite .yaml file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise BadInputError(f"{path}: expected a mapping with name, tasks, perplexity")
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as e:
+        raise BadInputError(f"{path}: {_first_error(e)}") from None
+    if not suite.tasks and suite.perplexity is None:
+        raise BadInputError(f"{path}: a suite needs tasks, perplexity or both")
+    suite = suite.model_copy(update={"include": [str((path.parent / p).resolve()) for p in suite.include]})
+    if check_tasks and suite.tasks:
+        from .harness import check_tasks as check
+
+        check([t.task for t in suite.tasks], tuple(suite.include))
+    return suite
