@@ -15,7 +15,9 @@ Deliberately not here: which tasks (suites.py), the results store (results.py), 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -118,11 +120,12 @@ def run_task(lm, task: str, shots: int, limit: int | None, include: tuple[str, .
     from lm_eval import simple_evaluate
 
     t0 = time.perf_counter()
-    out = simple_evaluate(
-        model=lm, tasks=[task], num_fewshot=shots, limit=limit, task_manager=task_manager(include),
-        bootstrap_iters=BOOTSTRAP_ITERS, random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED,
-        fewshot_random_seed=SEED, log_samples=False, cache_requests=False,
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # lm-eval's debug prints (batch sizes, bootstrapping); bars stay
+        out = simple_evaluate(
+            model=lm, tasks=[task], num_fewshot=shots, limit=limit, task_manager=task_manager(include),
+            bootstrap_iters=BOOTSTRAP_ITERS, random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED,
+            fewshot_random_seed=SEED, log_samples=False, cache_requests=False,
+        )
     if out is None:
         return None
     return TaskScore(task, shots, limit, _metrics(out["results"][task]), _samples(out, task), time.perf_counter() - t0)

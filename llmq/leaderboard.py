@@ -142,8 +142,8 @@ tr.base td {{ font-weight: 600; }}
 <script id="data" type="application/json">{data}</script>
 <script>
 const board = JSON.parse(document.getElementById("data").textContent);
-let sortCol = board.columns.length - 2, sortDesc = true;
-function key(v) {{ const x = parseFloat(v); return isNaN(x) ? v : x; }}
+let sortCol = board.columns.length - 1, sortDesc = true;  // recovery, highest first
+function key(v) {{ const x = parseFloat(v); return isNaN(x) ? (v === "-" ? -Infinity : v) : x; }}
 function draw() {{
   const head = document.querySelector("#board thead tr"), body = document.querySelector("#board tbody");
   head.innerHTML = ""; body.innerHTML = "";
