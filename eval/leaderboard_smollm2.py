@@ -81,7 +81,7 @@ def main() -> None:
     if args.skip_full:
         return
     board, _ = leaderboard.collect(store.records(), "quick")
-    best4 = max((r for r in board if r.model.get("bits") == 4), key=lambda r: r.average)
+    best4 = max((r for r in board if r.model.get("bits") == 4 and r.average is not None), key=lambda r: r.average)
     full = suites.load(args.full)
     for name in (BASE, best4.name):
         t = time.perf_counter()

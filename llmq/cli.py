@@ -107,7 +107,7 @@ def _eval(args) -> None:
     from .results import ResultsStore
 
     suite = suites.load(args.suite).with_limit(args.limit)
-    if args.word_perplexity:
+    if args.word_perplexity and not any(t.task == "llmq_wikitext" for t in suite.tasks):
         suite = suite.model_copy(update={"tasks": [*suite.tasks, suites.TaskSpec(task="llmq_wikitext", metric="word_perplexity")]})
     console = Console(quiet=not is_main_process(), stderr=True)
     run = evaluate_suite(args.checkpoint, suite, ResultsStore(args.store), name=args.name, base=args.base,

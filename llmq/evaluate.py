@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .errors import BadInputError
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -85,7 +87,8 @@ def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: 
     qc = found.quantization_config
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
-    info: dict[str, Any] = {"name": name or (spec if spec.lower() in models.ALIASES else folder.name), "kind": found.kind,
+    local = Path(spec).expanduser().exists()
+    info: dict[str, Any] = {"name": name or (folder.name if local else spec), "kind": found.kind,
                             "label": found.label, "base": base}
     if found.kind == "full-precision":
         info.update(method="base", scheme=dtype, bits=8 * _DTYPE_BYTES.get(dtype, 4))
@@ -128,17 +131,22 @@ class SuiteRun:
 
 def evaluate_suite(
     spec: str, suite, store=None, name: str | None = None, base: str | None = None, batch_size: int | None = None,
-    model=None, tokenizer=None, say: Callable[[str], None] = print,
+    model=None, tokenizer=None, say: Callable[[str], None] = print, data_parallel: bool = True,
 ) -> SuiteRun | None:
     """Every task of `suite` (suites.Suite) on the checkpoint `spec` (a folder, alias or hub id), served from
     `store` (results.ResultsStore) where its key is there. `model` / `tokenizer` skip loading (the caller loaded the
-    same folder). None on the non-main processes of a data-parallel run (`accelerate launch`)."""
+    same folder). Under `accelerate launch` the processes share the documents (lm-eval's data-parallel path) unless
+    `data_parallel` is False (then only this process evaluates); None on the non-main processes."""
+    from importlib.metadata import version
+
     from . import __version__, data, harness, models
-    from .pipeline import is_main_process
+    from .pipeline import is_main_process, world_size
     from .results import Key, ResultsStore, checkpoint_hash
 
     store = store if store is not None else ResultsStore()
-    main = is_main_process()
+    main = is_main_process() or not data_parallel
+    procs = world_size() if data_parallel else 1
+    lm_eval = version("lm_eval")
     folder = models.resolve(spec)
     digest = checkpoint_hash(folder)
     info = describe_checkpoint(spec, folder, name, base)
@@ -148,7 +156,7 @@ def evaluate_suite(
     if ppl is not None:
         plan.append((f"ppl_{ppl.data}", Key(digest, suite.name, f"ppl:{ppl.data}:{ppl.seqlen}", 0, ppl.max_windows, __version__), None))
     for t in suite.tasks:
-        plan.append((t.label, Key(digest, suite.name, t.task, t.shots, t.limit, __version__), t))
+        plan.append((t.label, Key(digest, suite.name, t.task, t.shots, t.limit, __version__, lm_eval, procs), t))
     # Every process reads the store before any of them evaluates: results are written only after a task's
     # collective scoring ends, so all processes agree on what is missing.
     plan = [(label, key, t, store.get(key)) for label, key, t in plan]
@@ -162,7 +170,7 @@ def evaluate_suite(
             continue
         if model is None:
             say(f"loading {folder}")
-            model, tokenizer = models.load_model(folder), models.load_tokenizer(folder)
+            model, tokenizer = models.load_model(folder, bitsandbytes=True), models.load_tokenizer(folder)
         if t is None:
             if not main:
                 continue
@@ -174,10 +182,13 @@ def evaluate_suite(
                                          corpus=ppl.data))
             continue
         if lm is None:
-            lm = harness.wrap(model, tokenizer, batch_size)
+            lm = harness.wrap(model, tokenizer, batch_size, data_parallel)
         say(f"{label}: {t.shots}-shot, {t.limit or 'all'} documents")
         score = harness.run_task(lm, t.task, t.shots, t.limit, tuple(suite.include))
         if score is None:  # a non-main process of a data-parallel run
             continue
+        if t.metric not in score.metrics:
+            raise BadInputError(f"suite {suite.name!r}, task {label}: metric {t.metric!r} is not one it reports "
+                                f"({', '.join(k for k in score.metrics if not k.endswith('_stderr'))})")
         run.records.append(store.put(key, score.metrics, score.samples, score.seconds, info, label=label, metric=t.metric))
     return run if main else None

@@ -65,7 +65,8 @@ def task_manager(include: tuple[str, ...] = ()):
 
 def check_tasks(tasks: list[str], include: tuple[str, ...] = ()) -> None:
     """Fail before any model is loaded when a task name is unknown, listing the ones that exist."""
-    known = set(task_manager(include).all_tasks)
+    manager = task_manager(include)
+    known = set(manager.all_subtasks) | set(manager.all_groups)  # not tags: one result per name
     unknown = [t for t in tasks if t not in known]
     if unknown:
         shown = sorted(t for t in known if not t.startswith("llmq_mmlu_"))
@@ -100,19 +101,32 @@ def _hflm_class():
     return LlmqLM
 
 
-def wrap(model: torch.nn.Module, tokenizer, batch_size: int | str | None = None):
-    """The HFLM lm-eval scores (batch size automatic unless given); data-parallel over the processes of an
-    `accelerate launch`."""
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about model objects are about us, and known
-    lm = _hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or AUTO_BATCH)
+def wrap(model: torch.nn.Module, tokenizer, batch_size: int | str | None = None, data_parallel: bool = True):
+    """The HFLM lm-eval scores (batch size automatic unless given), on this process's GPU when there is one;
+    data-parallel over the processes of an `accelerate launch` unless `data_parallel` is False."""
+    import os
+
     from .pipeline import world_size
 
-    if world_size() > 1:
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about model objects are about us, and known
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu" and not _is_bitsandbytes(model):
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")  # HFLM keeps a model object where it is
+    lm = _hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or AUTO_BATCH)
+    if data_parallel and world_size() > 1:
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         lm.accelerator, lm._rank, lm._world_size = accelerator, accelerator.process_index, accelerator.num_processes
     return lm
+
+
+def _is_bitsandbytes(model: torch.nn.Module) -> bool:
+    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
+def processes(lm) -> int:
+    """How many processes score the documents (the results store keys on it)."""
+    return int(lm.world_size)
 
 
 def run_task(lm, task: str, shots: int, limit: int | None, include: tuple[str, ...] = ()) -> TaskScore | None:

@@ -65,10 +65,9 @@ def collect(records: list[dict[str, Any]], suite: str) -> tuple[list[Row], list[
             row.tasks[r["label"]] = r
             if r["label"] not in labels:
                 labels.append(r["label"])
-    scored = [label for label in labels if rows and all(label in row.tasks for row in rows.values())]
-    averaged = [label for label in scored if _metric(rows, label) not in LOWER_IS_BETTER]
-    for row in rows.values():
-        if averaged:
+    averaged = [label for label in labels if _metric(rows, label) not in LOWER_IS_BETTER]
+    for row in rows.values():  # a row missing a task gets no average (rather than every row losing the task)
+        if averaged and all(label in row.tasks for label in averaged):
             row.average = sum(_value(row.tasks[label]) for label in averaged) / len(averaged)
     bases = {row.name: row for row in rows.values() if row.model.get("method") == "base"}
     for row in rows.values():
@@ -103,7 +102,7 @@ def _columns(labels: list[str], rows: list[Row]) -> list[str]:
 
 def _cells(row: Row, labels: list[str]) -> list[str]:
     m = row.model
-    return [row.name, str(m.get("method", "-")), str(m.get("scheme", "-")), str(m.get("bits", "-")),
+    return [row.name, str(m.get("method") or "-"), str(m.get("scheme") or "-"), str(m.get("bits") or "-"),
             f"{m.get('size_bytes', 0) / 1e6:.1f}", "-" if row.ppl is None else f"{row.ppl:.3f}",
             *[_cell(row.tasks.get(label)) for label in labels],
             "-" if row.average is None else f"{row.average:.4f}", "-" if row.recovery is None else f"{row.recovery:.1%}"]
@@ -121,7 +120,7 @@ def markdown(rows: list[Row], labels: list[str], suite: str) -> str:
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
     ]
-    lines += ["| " + " | ".join(_cells(row, labels)) + " |" for row in rows]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(row, labels)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -143,7 +142,10 @@ tr.base td {{ font-weight: 600; }}
 <script>
 const board = JSON.parse(document.getElementById("data").textContent);
 let sortCol = board.columns.length - 1, sortDesc = true;  // recovery, highest first
-function key(v) {{ const x = parseFloat(v); return isNaN(x) ? (v === "-" ? -Infinity : v) : x; }}
+function key(v, i) {{
+  if (!board.numeric[i]) return v.toLowerCase();
+  const x = parseFloat(v); return isNaN(x) ? -Infinity : x;  // "-" (no value) sorts last
+}}
 function draw() {{
   const head = document.querySelector("#board thead tr"), body = document.querySelector("#board tbody");
   head.innerHTML = ""; body.innerHTML = "";
@@ -154,7 +156,7 @@ function draw() {{
     head.appendChild(th);
   }});
   const rows = board.rows.slice().sort((a, b) => {{
-    const x = key(a.cells[sortCol]), y = key(b.cells[sortCol]);
+    const x = key(a.cells[sortCol], sortCol), y = key(b.cells[sortCol], sortCol);
     return (x < y ? -1 : x > y ? 1 : 0) * (sortDesc ? -1 : 1);
   }});
   rows.forEach(r => {{
@@ -170,14 +172,15 @@ draw();
 
 
 def page(rows: list[Row], labels: list[str], suite: str, plots: list[str]) -> str:
-    data = {"columns": _columns(labels, rows),
+    columns = _columns(labels, rows)
+    data = {"columns": columns, "numeric": [c not in ("model", "method", "scheme") for c in columns],
             "rows": [{"cells": _cells(row, labels), "base": row.model.get("method") == "base"} for row in rows]}
     note = ("Scores ± standard error. Average: mean of the tasks' primary metrics; recovery: average / the base "
             "model's average; wiki ppl: the perplexity protocol. Click a column to sort.")
     images = " ".join(f'<img src="{html.escape(p)}" alt="{html.escape(p)}" width="480">' for p in plots)
-    # JSON inside <script>: "</" must not close the element early
+    # JSON inside <script>: no "<" at all, so no name can close the element or open a comment
     return _PAGE.format(title=html.escape(suite), note=note, plots=images,
-                        data=json.dumps(data).replace("</", "<\\/"))
+                        data=json.dumps(data).replace("<", "\\u003c"))
 
 
 def plots(rows: list[Row], out: Path) -> list[Path]:

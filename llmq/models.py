@@ -156,18 +156,19 @@ def skeleton(folder: str | Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(folder: str | Path, dtype: torch.dtype | str = "auto"):
+def load_model(folder: str | Path, dtype: torch.dtype | str = "auto", bitsandbytes: bool = False):
     """from_pretrained with llmq registered, in eval mode; refuses models loaded without their quantizer.
 
     A GPTQ or compressed-tensors checkpoint is imported once into an llmq copy in the cache and loaded from
-    there, so it runs on llmq's QuantLinear layers; any other quantized format is refused with a message."""
+    there, so it runs on llmq's QuantLinear layers; with `bitsandbytes` (evaluation), a bitsandbytes checkpoint
+    loads on bitsandbytes' own modules; any other quantized format is refused with a message."""
     from transformers import AutoModelForCausalLM
 
     from . import formats
     from .hf import check_loaded
 
     found = formats.detect(folder)
-    if found.kind == "bitsandbytes":
+    if found.kind == "bitsandbytes" and bitsandbytes:
         return _load_bitsandbytes(folder)
     if found.importable:
         folder = formats.imported_copy(folder)

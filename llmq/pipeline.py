@@ -92,7 +92,7 @@ def eval_suite(recipe: Recipe) -> suites.Suite | None:
         return None
     suite = suites.load(ev.suite).with_limit(ev.limit)
     for task in ev.thresholds.min_recovery if ev.thresholds else {}:
-        if suite.task(task) is None:
+        if task not in {t.label for t in suite.tasks}:
             raise BadInputError(f"eval.thresholds.min_recovery.{task}: suite {suite.name!r} has no task {task!r} "
                                 f"(its tasks: {', '.join(t.label for t in suite.tasks)})")
     return suite
@@ -238,10 +238,12 @@ def run(
         store = ResultsStore(recipe.eval.store)
         if recipe.eval.baseline:
             say(f"suite {suite.name!r} on the base model")
-            base_run = evaluate_suite(str(base_dir), suite, store, name=recipe.model, say=say)
+            # data_parallel=False: under accelerate launch (QAT) the other processes have already returned
+            base_run = evaluate_suite(str(base_dir), suite, store, name=recipe.model, say=say, data_parallel=False)
             tasks["base"] = base_run.by_label()
         say(f"suite {suite.name!r} on the quantized model")
-        q_run = evaluate_suite(str(out), suite, store, base=recipe.model, model=qmodel, tokenizer=tokenizer, say=say)
+        q_run = evaluate_suite(str(out), suite, store, base=recipe.model, model=qmodel, tokenizer=tokenizer, say=say,
+                               data_parallel=False)
         tasks["quantized"] = q_run.by_label()
         tasks["suite"], tasks["store"] = suite.name, str(store.path)
         timings["eval_suite_s"] = time.perf_counter() - t

@@ -1,9 +1,13 @@
 """The results store: every evaluation result, keyed by what determines it, in one append-only JSON Lines file.
 
 Why it exists: evaluations cost minutes to hours, and a leaderboard is only as honest as its rows are comparable.
-A result's key is (checkpoint content hash, suite, task, shots, limit, llmq version): the same key is served from
+A result's key is (checkpoint content hash, suite, task, shots, limit, llmq version, lm-eval version, processes):
+the same key is served from
 the store instead of being recomputed (and the caller says so), a checkpoint whose files changed gets a new hash
-and is evaluated again, and a new llmq version starts fresh rows. `llmq leaderboard` builds from this file alone.
+and is evaluated again, and a new llmq or lm-eval version starts fresh rows. (The number of data-parallel processes
+is in the key because lm-eval draws few-shot examples from one random sequence per process: 1 and 2 processes
+score the same documents with different shots.) Not in the key: edits to a task's YAML or data files of your own
+(`include`); rename the suite when you change them. `llmq leaderboard` builds from this file alone.
 
 Each line is one record: the key fields, the scores (`metrics`, with standard errors), the documents scored, the
 seconds it took, when, and a description of the checkpoint (name, kind, method, scheme, bits, size on disk, base
@@ -58,6 +62,8 @@ class Key:
     shots: int
     limit: int | None  # documents per task (windows for perplexity); None = all
     llmq_version: str
+    lm_eval_version: str = ""  # "" for the perplexity protocol, which does not use lm-eval
+    processes: int = 1  # data-parallel processes: lm-eval's few-shot draws depend on how documents are split
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from .errors import BadInputError
 from .recipe import PerplexityConfig, _first_error, _Strict
@@ -44,15 +44,23 @@ class Suite(_Strict):
     tasks: list[TaskSpec] = []
     include: list[str] = []  # extra lm-eval task folders, relative to the suite file
 
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> Suite:
+        labels = [t.label for t in self.tasks]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"tasks: {twice[0]!r} appears twice (tables and thresholds name tasks by label)")
+        return self
+
     def with_limit(self, limit: int | None) -> Suite:
-        """The same suite with every task's limit replaced (``--limit``); unchanged for None."""
+        """The same suite with every task's limit replaced (``--limit``), named ``<name>-limit<N>`` so that its
+        results never mix with the suite's own in the store or the leaderboard; unchanged for None."""
         if limit is None:
             return self
-        return self.model_copy(update={"tasks": [t.model_copy(update={"limit": limit}) for t in self.tasks]})
-
-    def task(self, name: str) -> TaskSpec | None:
-        """The task whose label or lm-eval name is `name`."""
-        return next((t for t in self.tasks if name in (t.label, t.task)), None)
+        if limit < 1:
+            raise BadInputError(f"limit {limit}: expected a positive number of documents per task")
+        tasks = [t.model_copy(update={"limit": limit}) for t in self.tasks]
+        return self.model_copy(update={"name": f"{self.name}-limit{limit}", "tasks": tasks})
 
 
 def available() -> list[str]:

@@ -61,6 +61,20 @@ def test_every_mmlu_subject_has_a_task_and_the_group_lists_them_all():
     assert not any(t == "arc_easy" for t in known)  # lm-eval's default index (hub datasets) is not loaded
 
 
+@pytest.mark.parametrize("task", ["llmq_arc_easy", "llmq_arc_challenge", "llmq_hellaswag", "llmq_piqa", "llmq_boolq"])
+def test_few_shot_examples_never_include_the_scored_document(task):
+    """Few-shot examples come from the scored split: lm-eval must leave the scored document out (it does only when
+    the YAML names the split `test_split`)."""
+    from lm_eval.tasks import get_task_dict
+
+    t = get_task_dict([task], harness.task_manager())[task]
+    t.set_fewshot_seed(1234)
+    for doc in list(t.test_docs())[:40]:
+        own = t.doc_to_text(doc)
+        context = t.fewshot_context(doc, num_fewshot=10)
+        assert context.endswith(own) and context.count(own) == 1, (task, own)
+
+
 def test_prompt_helpers_follow_lm_evals_formats():
     import datasets
 
@@ -104,6 +118,14 @@ def test_bad_suites_are_refused(tmp_path):
         suites.load(str(write_suite(tmp_path, [{"task": "llmq_arc_esay"}])))
     with pytest.raises(BadInputError, match="shots"):
         suites.load(str(write_suite(tmp_path, [{"task": "llmq_arc_easy", "shots": -1}])))
+    with pytest.raises(BadInputError, match="'arc_easy' appears twice"):
+        suites.load(str(write_suite(tmp_path, [{"task": "llmq_arc_easy"}, {"task": "llmq_arc_easy", "shots": 5}])))
+    with pytest.raises(BadInputError, match="unknown task 'llmq'"):  # a tag is not one task
+        suites.load(str(write_suite(tmp_path, [{"task": "llmq"}])))
+    quick = suites.load("quick")
+    assert quick.with_limit(None) is quick and quick.with_limit(5).name == "quick-limit5"
+    with pytest.raises(BadInputError, match="limit 0"):
+        quick.with_limit(0)
     (tmp_path / "bad.yaml").write_text("name: x\ntasks: [{task: llmq_piqa, shot: 1}]\n")
     with pytest.raises(BadInputError, match="shot"):
         suites.load(str(tmp_path / "bad.yaml"))
@@ -138,10 +160,10 @@ def test_accuracy_equals_the_lm_eval_cli(tiny_dir, tmp_path):
             check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
         theirs = json.loads(Path(glob.glob(f"{out}/**/results_*.json", recursive=True)[0]).read_text())["results"][task]
-        for metric in ("acc", "acc_norm"):
-            if f"{metric},none" in theirs:
-                assert ours[task][metric] == theirs[f"{metric},none"], (task, metric)
-                assert ours[task][f"{metric}_stderr"] == pytest.approx(theirs[f"{metric}_stderr,none"], rel=1e-9)
+        metrics = ("acc", "acc_norm") if task == "llmq_arc_easy" else ("acc",)
+        for metric in metrics:
+            assert ours[task][metric] == theirs[f"{metric},none"], (task, metric)
+            assert ours[task][f"{metric}_stderr"] == pytest.approx(theirs[f"{metric}_stderr,none"], rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------- store and llmq eval
@@ -212,7 +234,7 @@ def test_llmq_eval_serves_reruns_from_the_store_and_reevaluates_a_changed_checkp
     assert second.err.count("served from the results store") == 3
     assert len(ResultsStore(store).records()) == 3
 
-    assert cli([*args, "--limit", "4"]) == 0  # another limit: another key
+    assert cli([*args, "--limit", "4"]) == 0  # another limit: another key (and suite tiny-limit4)
     assert calls[2:] == ["llmq_piqa", "tiny_yesno"]
     capsys.readouterr()
 
@@ -228,8 +250,9 @@ def test_llmq_eval_serves_reruns_from_the_store_and_reevaluates_a_changed_checkp
 def test_data_parallel_eval_matches_one_process(tiny_dir, tmp_path):
     """`accelerate launch` with two CPU processes: lm-eval's data-parallel path splits the documents; the scores
     equal the single-process ones and only the main process writes the store."""
+    # zero-shot: with shots, lm-eval's few-shot draws depend on how the documents are split (the key says so)
     suite = write_suite(tmp_path, [{"task": "llmq_arc_easy", "limit": 10, "metric": "acc_norm"},
-                                   {"task": "llmq_winogrande", "shots": 1, "limit": 9}])
+                                   {"task": "llmq_piqa", "limit": 9}])
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     base = ["eval", str(tiny_dir), "--suite", str(suite)]
@@ -242,11 +265,20 @@ def test_data_parallel_eval_matches_one_process(tiny_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = ResultsStore(one).records(), ResultsStore(two).records()
     assert len(b) == 2  # one record per task, not one per process
+    assert [r["processes"] for r in a] == [1, 1] and [r["processes"] for r in b] == [2, 2]
     for x, y in zip(a, b, strict=True):
         assert x["samples"] == y["samples"]
         for metric in ("acc", "acc_norm"):
             if metric in x["metrics"]:
                 assert x["metrics"][metric] == pytest.approx(y["metrics"][metric], abs=1e-12)
+
+
+def test_a_metric_the_task_does_not_report_is_refused(tiny_dir, tmp_path, capsys):
+    suite = write_suite(tmp_path, [{"task": "llmq_piqa", "limit": 3, "metric": "f1"}])
+    store = tmp_path / "s.jsonl"
+    assert cli(["eval", str(tiny_dir), "--suite", str(suite), "--store", str(store)]) == 2
+    assert "metric 'f1' is not one it reports (acc, acc_norm)" in capsys.readouterr().err
+    assert not store.exists()  # nothing stored that a rerun would serve
 
 
 def test_bitsandbytes_checkpoint_evaluates(tiny_dir, tmp_path):
@@ -259,7 +291,9 @@ def test_bitsandbytes_checkpoint_evaluates(tiny_dir, tmp_path):
     q = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=cfg, device_map="cpu")
     q.save_pretrained(tmp_path / "nf4")
     models.load_tokenizer(tiny_dir).save_pretrained(tmp_path / "nf4")
-    loaded = models.load_model(tmp_path / "nf4")
+    with pytest.raises(BadInputError, match="bitsandbytes"):
+        models.load_model(tmp_path / "nf4")  # llmq.load runs llmq's own layers only
+    loaded = models.load_model(tmp_path / "nf4", bitsandbytes=True)
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded(ids).logits, q(ids).logits)
     suite = suites.load(str(write_suite(tmp_path, [{"task": "llmq_arc_easy", "limit": 4}])))
@@ -297,6 +331,9 @@ def test_recipe_gate_keys_are_checked_before_work(tiny_recipe, tmp_path):
                                                   "thresholds": {"min_recovery": {"arc_easy": 97}}}})
     recipe = {**tiny_recipe, "eval": {**tiny_recipe["eval"], "suite": str(suite), "thresholds": {"min_recovery": {"piqa": 0.9}}}}
     with pytest.raises(BadInputError, match="min_recovery.piqa: suite 'tiny' has no task 'piqa'"):
+        validate(recipe, check_model=False)
+    recipe["eval"]["thresholds"] = {"min_recovery": {"llmq_arc_easy": 0.9}}  # labels, as tables and the gate name them
+    with pytest.raises(BadInputError, match="has no task 'llmq_arc_easy' \\(its tasks: arc_easy\\)"):
         validate(recipe, check_model=False)
 
 
