@@ -108,6 +108,9 @@ def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: 
     elif found.kind == "bitsandbytes":
         fmt = qc.get("bnb_4bit_quant_type", "nf4") if qc.get("load_in_4bit") else "int8"
         info.update(method="bitsandbytes", scheme=fmt, bits=4 if qc.get("load_in_4bit") else 8)
+    elif found.kind == "compressed-tensors":
+        weights, _ = formats.ct_weight_args(qc)
+        info.update(method=found.kind, scheme=found.label, bits=(weights or {}).get("num_bits"))
     else:
         info.update(method=found.kind, scheme=found.label, bits=qc.get("bits"))
     info["size_bytes"] = sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern))

@@ -333,6 +333,22 @@ def test_a_metric_the_task_does_not_report_is_refused(tiny_dir, tmp_path, capsys
     assert not store.exists()  # nothing stored that a rerun would serve
 
 
+def test_llmq_gptq_and_compressed_tensors_checkpoints_score_alike(tiny_recipe, tmp_path):
+    """One quantized model in three formats: the same integer weights, so the same accuracy; each row says its kind."""
+    from llmq import formats, run
+
+    done = run(tiny_recipe)
+    suite = suites.load(str(write_suite(tmp_path, [{"task": "llmq_arc_easy", "limit": 6, "metric": "acc_norm"}])))
+    store = ResultsStore(tmp_path / "s.jsonl")
+    scores = {}
+    for fmt in ("llmq", "gptq", "compressed-tensors"):
+        folder = done.output_dir if fmt == "llmq" else formats.export_checkpoint(done.output_dir, tmp_path / fmt, fmt).output_dir
+        r = evaluate_suite(str(folder), suite, store, base="tiny", say=lambda _: None)
+        assert r.model["kind"] == fmt and r.model["bits"] == 4 and r.model["base"] == "tiny"
+        scores[fmt] = r.records[0]["metrics"]
+    assert scores["gptq"] == scores["llmq"] == scores["compressed-tensors"]
+
+
 def test_bitsandbytes_checkpoint_evaluates(tiny_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
