@@ -186,6 +186,7 @@ def page(rows: list[Row], labels: list[str], suite: str, plots: list[str]) -> st
 def plots(rows: list[Row], out: Path) -> list[Path]:
     """wiki perplexity vs weight bits, and average accuracy vs size on disk with the Pareto front; PNG files."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -198,6 +199,9 @@ def plots(rows: list[Row], out: Path) -> list[Path]:
             ax.scatter(r.model["bits"], r.ppl, color="black" if r.model.get("method") == "base" else "tab:blue")
             ax.annotate(r.name, (r.model["bits"], r.ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel="weight bits", ylabel="wiki perplexity (protocol)", yscale="log", title="Perplexity vs bits")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 20, 30, not 2x10^1
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(sorted({r.model["bits"] for r in with_ppl}))
         ax.grid(alpha=0.3)
         made.append(_save(fig, out / "ppl_vs_bits.png"))
     with_avg = [r for r in rows if r.average is not None]
