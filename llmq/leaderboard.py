@@ -192,13 +192,17 @@ def plots(rows: list[Row], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     made = []
+    methods = sorted({str(r.model.get("method")) for r in rows} - {"base"})
+    colors = {"base": "black", **{m: f"C{i}" for i, m in enumerate(methods)}}
     with_ppl = [r for r in rows if r.ppl is not None and r.model.get("bits")]
     if with_ppl:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in with_ppl:
-            ax.scatter(r.model["bits"], r.ppl, color="black" if r.model.get("method") == "base" else "tab:blue")
+            ax.scatter(r.model["bits"], r.ppl, **_marker(r, colors))
             ax.annotate(r.name, (r.model["bits"], r.ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        _legend(ax)
         ax.set(xlabel="weight bits", ylabel="wiki perplexity (protocol)", yscale="log", title="Perplexity vs bits")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 20, 30, not 2x10^1
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(sorted({r.model["bits"] for r in with_ppl}))
@@ -209,16 +213,28 @@ def plots(rows: list[Row], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in with_avg:
             mb = r.model.get("size_bytes", 0) / 1e6
-            ax.scatter(mb, r.average, color="black" if r.model.get("method") == "base" else "tab:blue")
+            ax.scatter(mb, r.average, **_marker(r, colors))
             ax.annotate(r.name, (mb, r.average), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = pareto(with_avg)
         ax.plot([r.model.get("size_bytes", 0) / 1e6 for r in front], [r.average for r in front], "--", color="tab:red",
                 label="Pareto front")
         ax.set(xlabel="size on disk (MB)", ylabel="average accuracy", title="Accuracy vs size")
-        ax.legend(loc="lower right")
+        _legend(ax)
         ax.grid(alpha=0.3)
         made.append(_save(fig, out / "accuracy_vs_size.png"))
     return made
+
+
+def _marker(row: Row, colors: dict[str, str]) -> dict[str, Any]:
+    method = str(row.model.get("method"))
+    return {"color": colors[method], "label": method}
+
+
+def _legend(ax) -> None:
+    """One legend entry per label (every point of a method carries the method's label)."""
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), loc="best", fontsize=8)
 
 
 def pareto(rows: list[Row]) -> list[Row]:
