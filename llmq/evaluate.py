@@ -163,6 +163,8 @@ def evaluate_suite(
     # Every process reads the store before any of them evaluates: results are written only after a task's
     # collective scoring ends, so all processes agree on what is missing.
     plan = [(label, key, t, store.get(key)) for label, key, t in plan]
+    if main:
+        store.describe(digest, info)
     lm = None
     for label, key, t, stored in plan:
         if stored is not None:

@@ -54,11 +54,11 @@ def collect(records: list[dict[str, Any]], suite: str) -> tuple[list[Row], list[
     """Rows (one per checkpoint) and the task labels of `suite`, in first-seen order; averages and recovery filled."""
     rows: dict[str, Row] = {}
     labels: list[str] = []
+    described = {r["checkpoint"]: r["model"] for r in records if "model" in r}  # the newest description wins
     for r in records:
         if r.get("suite") != suite:
             continue
-        row = rows.setdefault(r["checkpoint"], Row(r["checkpoint"], r["model"]))
-        row.model = r["model"]  # the newest description wins
+        row = rows.setdefault(r["checkpoint"], Row(r["checkpoint"], described[r["checkpoint"]]))
         if r["task"].startswith("ppl:"):
             row.ppl = r["metrics"]["ppl"]
         else:

@@ -9,7 +9,8 @@ is in the key because lm-eval draws few-shot examples from one random sequence p
 score the same documents with different shots.) Not in the key: edits to a task's YAML or data files of your own
 (`include`); rename the suite when you change them. `llmq leaderboard` builds from this file alone.
 
-Each line is one record: the key fields, the scores (`metrics`, with standard errors), the documents scored, the
+Each line is one record: a result, or a checkpoint description (``"description": true``: the newest one names
+the checkpoint in tables). A result has the key fields, the scores (`metrics`, with standard errors), the documents scored, the
 seconds it took, when, and a description of the checkpoint (name, kind, method, scheme, bits, size on disk, base
 model) so a table can be drawn without the checkpoint at hand. Appends are single `write` calls of whole lines
 under an exclusive lock; a torn last line (a crash mid-write) is skipped with a warning, never fatal.
@@ -88,17 +89,32 @@ class ResultsStore:
                     warnings.warn(f"{self.path}:{n}: unreadable record skipped (torn write?)", stacklevel=2)
         return out
 
+    def results(self) -> list[dict[str, Any]]:
+        """The result records (descriptions left out), oldest first."""
+        return [r for r in self.records() if not r.get("description")]
+
     def get(self, key: Key) -> dict[str, Any] | None:
-        """The newest record with exactly this key, or None."""
+        """The newest result with exactly this key, or None."""
         wanted = key.to_dict()
-        found = [r for r in self.records() if {k: r.get(k) for k in wanted} == wanted]
+        found = [r for r in self.results() if {k: r.get(k) for k in wanted} == wanted]
         return found[-1] if found else None
 
     def put(self, key: Key, metrics: dict[str, float], samples: int, seconds: float, model: dict[str, Any],
             **extra: Any) -> dict[str, Any]:
-        """Append one record and return it."""
+        """Append one result record and return it."""
         record = {**key.to_dict(), "metrics": metrics, "samples": samples, "seconds": round(seconds, 3),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": model, **extra}
+                  "created": _now(), "model": model, **extra}
+        self._append(record)
+        return record
+
+    def describe(self, checkpoint: str, model: dict[str, Any]) -> None:
+        """Record what a checkpoint is called and made from (name, base, ...) when that differs from the newest
+        record of it: a rerun served from the store with a new `--name` or `--base` still reaches the leaderboard."""
+        known = [r["model"] for r in self.records() if r.get("checkpoint") == checkpoint and "model" in r]
+        if not known or known[-1] != model:
+            self._append({"checkpoint": checkpoint, "description": True, "created": _now(), "model": model})
+
+    def _append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(record, sort_keys=False) + "\n").encode("utf-8")
         with self.path.open("ab") as f:
@@ -109,4 +125,7 @@ class ResultsStore:
                 os.fsync(f.fileno())
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
-        return record
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -275,7 +275,7 @@ def test_llmq_eval_serves_reruns_from_the_store_and_reevaluates_a_changed_checkp
     assert cli(args) == 0
     first = capsys.readouterr()
     assert calls == ["llmq_piqa", "tiny_yesno"] and "evaluated" in first.out
-    records = ResultsStore(store).records()
+    records = ResultsStore(store).results()
     assert [r["label"] for r in records] == ["ppl_wiki", "piqa", "tiny_yesno"]
     assert records[2]["samples"] == 6 and 0 <= records[2]["metrics"]["acc"] <= 1
     assert records[0]["metrics"]["windows"] == 2 and records[0]["metrics"]["ppl"] > 1
@@ -284,8 +284,12 @@ def test_llmq_eval_serves_reruns_from_the_store_and_reevaluates_a_changed_checkp
     second = capsys.readouterr()
     assert calls == ["llmq_piqa", "tiny_yesno"]
     assert second.err.count("served from the results store") == 3
-    assert len(ResultsStore(store).records()) == 3
+    assert len(ResultsStore(store).results()) == 3
 
+    assert cli([*args[:-1], "tiny-renamed"]) == 0  # served again; the new name reaches the leaderboard
+    assert calls == ["llmq_piqa", "tiny_yesno"]
+    rows, _ = leaderboard.collect(ResultsStore(store).records(), "tiny")
+    assert [r.name for r in rows] == ["tiny-renamed"]
     assert cli([*args, "--limit", "4"]) == 0  # another limit: another key (and suite tiny-limit4)
     assert calls[2:] == ["llmq_piqa", "tiny_yesno"]
     capsys.readouterr()
@@ -295,7 +299,7 @@ def test_llmq_eval_serves_reruns_from_the_store_and_reevaluates_a_changed_checkp
     make_tiny_llama(copy, seed=4)  # new weights in the same folder: a new hash, evaluated again
     assert cli(args) == 0
     assert calls[4:] == ["llmq_piqa", "tiny_yesno"]
-    hashes = {r["checkpoint"] for r in ResultsStore(store).records()}
+    hashes = {r["checkpoint"] for r in ResultsStore(store).results()}
     assert len(hashes) == 2
 
 
@@ -315,7 +319,7 @@ def test_data_parallel_eval_matches_one_process(tiny_dir, tmp_path):
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    a, b = ResultsStore(one).records(), ResultsStore(two).records()
+    a, b = ResultsStore(one).results(), ResultsStore(two).results()
     assert len(b) == 2  # one record per task, not one per process
     assert [r["processes"] for r in a] == [1, 1] and [r["processes"] for r in b] == [2, 2]
     for x, y in zip(a, b, strict=True):
