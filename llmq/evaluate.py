@@ -81,7 +81,7 @@ def recovery(metric: str, base: float, quantized: float) -> float | None:
 
 def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: str | None = None) -> dict[str, Any]:
     """What a leaderboard row says about a checkpoint: name, kind, method, scheme, weight bits, size on disk, base."""
-    from . import formats, models
+    from . import formats
 
     found = formats.detect(folder)
     qc = found.quantization_config

@@ -21,7 +21,6 @@ import io
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,11 +123,6 @@ def _is_bitsandbytes(model: torch.nn.Module) -> bool:
     return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
 
 
-def processes(lm) -> int:
-    """How many processes score the documents (the results store keys on it)."""
-    return int(lm.world_size)
-
-
 def run_task(lm, task: str, shots: int, limit: int | None, include: tuple[str, ...] = ()) -> TaskScore | None:
     """Score one task (or group) with lm-eval; None on the non-main processes of a data-parallel run."""
     from lm_eval import simple_evaluate
@@ -162,7 +156,3 @@ def _samples(out: dict[str, Any], task: str) -> int:
     members = out.get("group_subtasks", {}).get(task, [])
     return sum(_samples(out, m) for m in members)
 
-
-def tasks_folder() -> Path:
-    """Where llmq's task YAMLs are: the `--include_path` for the lm_eval CLI."""
-    return TASKS_DIR
