@@ -67,10 +67,11 @@ def _parser() -> argparse.ArgumentParser:
                         description="Evaluate a checkpoint (full precision, llmq, GPTQ, compressed-tensors or bitsandbytes; "
                                     "a folder, built-in alias or hub id) on a suite of lm-eval tasks and the perplexity "
                                     "protocol. Each result is kept in the results store, keyed by the checkpoint's content "
-                                    "hash, suite, task, shots, limit and llmq version; a rerun is served from it. Runs "
-                                    "data-parallel under `accelerate launch`.",
+                                    "hash, suite, task, shots, limit, llmq and lm-eval versions and process count; a rerun "
+                                    "is served from it. Runs data-parallel under `accelerate launch`.",
                         epilog="Examples: llmq eval smollm2-135m --suite quick; llmq eval out/gptq-w4g64 --suite leaderboard "
-                               "--limit 50; accelerate launch --num_processes 2 -m llmq.cli eval out/w4 --suite quick")
+                               "--limit 50 (stored as suite leaderboard-limit50); "
+                               "accelerate launch --multi_gpu --num_processes 2 -m llmq.cli eval out/w4 --suite quick")
     ev.add_argument("checkpoint", help="a checkpoint folder, a built-in alias (smollm2-135m) or a hub id (online only)")
     ev.add_argument("--suite", default="quick",
                     help="a suite name (eval/suites: quick, leaderboard, leaderboard-cpu) or a suite .yaml file. Default: quick")

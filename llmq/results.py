@@ -2,17 +2,16 @@
 
 Why it exists: evaluations cost minutes to hours, and a leaderboard is only as honest as its rows are comparable.
 A result's key is (checkpoint content hash, suite, task, shots, limit, llmq version, lm-eval version, processes):
-the same key is served from
-the store instead of being recomputed (and the caller says so), a checkpoint whose files changed gets a new hash
-and is evaluated again, and a new llmq or lm-eval version starts fresh rows. (The number of data-parallel processes
+the same key is served from the store instead of being recomputed (and the caller says so), a checkpoint whose
+files changed gets a new hash and is evaluated again, and a new llmq or lm-eval version starts fresh rows. (The number of data-parallel processes
 is in the key because lm-eval draws few-shot examples from one random sequence per process: 1 and 2 processes
 score the same documents with different shots.) Not in the key: edits to a task's YAML or data files of your own
 (`include`); rename the suite when you change them. `llmq leaderboard` builds from this file alone.
 
 Each line is one record: a result, or a checkpoint description (``"description": true``: the newest one names
-the checkpoint in tables). A result has the key fields, the scores (`metrics`, with standard errors), the documents scored, the
-seconds it took, when, and a description of the checkpoint (name, kind, method, scheme, bits, size on disk, base
-model) so a table can be drawn without the checkpoint at hand. Appends are single `write` calls of whole lines
+the checkpoint in tables). A result has the key fields, the scores (`metrics`, with standard errors), the
+documents scored, the seconds it took, when, and a description of the checkpoint (name, kind, method, scheme,
+bits, size on disk, base model) so a table can be drawn without the checkpoint at hand. Appends are single `write` calls of whole lines
 under an exclusive lock; a torn last line (a crash mid-write) is skipped with a warning, never fatal.
 
 Deliberately not here: evaluating (evaluate.py), drawing tables (leaderboard.py).
