@@ -129,7 +129,7 @@ _PAGE = """<!doctype html>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 14px; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-space: nowrap; }}
 th {{ background: #f3f3f3; cursor: pointer; user-select: none; }}
 td:first-child, th:first-child {{ text-align: left; }}
 tr.base td {{ font-weight: 600; }}
