@@ -91,6 +91,38 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--store", help="results store file (default: $LLMQ_RESULTS or ~/.cache/llmq/results.jsonl)")
     lb.add_argument("--out", default="leaderboard", help="output folder (leaderboard.md, leaderboard.html, *.png). Default: leaderboard")
 
+    bench = sub.add_parser("bench", help="benchmark kernels or a checkpoint's generation speed (tables + JSON)",
+                           description="Benchmarks, not tests: configurations are timed side by side in one process, "
+                                       "interleaved, medians of the rounds; ratios are the numbers to quote.")
+    bsub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    bk = bsub.add_parser("kernels", help="one layer's matmul: llmq kernels against dense fp32 / bf16 (fp16 on GPU)",
+                         description="Time one quantized layer's matmul per (K, N) shape and batch size M against dense "
+                                     "matmuls: µs, TFLOP/s, GB/s, %% of the measured copy bandwidth, speedup vs bf16 "
+                                     "(fp16 on GPU). Weights are cycled through distinct copies so they come from memory.",
+                         epilog="Example: llmq bench kernels --bits 4 --group-size 128 --m 1 16 128 --json eval/results/kernels.json")
+    bk.add_argument("--shape", nargs="+", metavar="KxN",
+                    help="layer shapes in_features x out_features (default: SmolLM2's on CPU, 4096x4096 ... 8192x28672 on GPU)")
+    bk.add_argument("--m", type=int, nargs="+", help="batch sizes (tokens) to sweep (default: 1 16 128 on CPU, 1 16 2048 on GPU)")
+    bk.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="weight bits. Default: 4")
+    bk.add_argument("--group-size", type=int, default=128, help="group size; 0 = per channel. Default: 128")
+    bk.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians). Default: 5")
+    bk.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    bk.add_argument("--json", help="also write the results to this JSON file")
+    bg = bsub.add_parser("generate", help="prefill and decode tokens/s and memory of a checkpoint against its base",
+                         description="Greedy decoding with the KV cache from a random prompt, for the checkpoint and its base "
+                                     "model in each dtype, timed round-robin. On CPU, llmq's packed kernels serve bf16 "
+                                     "activations; fp32 runs the exact (slow) reference kernel.",
+                         epilog="Example: llmq bench generate out/w4g64-sym --json eval/results/generate-w4.json")
+    bg.add_argument("checkpoint", help="a checkpoint folder or alias")
+    bg.add_argument("--base", help="the full-precision model to compare with (default: the recipe's model, when known)")
+    bg.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"],
+                    help="activation dtypes to run each model in. Default: float32 bfloat16")
+    bg.add_argument("--prompt-tokens", type=int, default=128, help="prompt length. Default: 128")
+    bg.add_argument("--new-tokens", type=int, default=64, help="tokens to decode. Default: 64")
+    bg.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians). Default: 5")
+    bg.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    bg.add_argument("--json", help="also write the results to this JSON file")
+
     ins = sub.add_parser("inspect", help="say what kind of checkpoint a folder holds",
                          description="Read a checkpoint folder's config.json (no weights) and say what it is and whether "
                                      "llmq can import it.")
@@ -115,6 +147,34 @@ def _eval(args) -> None:
                          batch_size=args.batch_size, say=console.print)
     if run is not None:
         Console().print(results_table(run))
+
+
+def _bench(args) -> None:
+    from rich.console import Console
+
+    from . import bench
+
+    err = Console(stderr=True)
+    if args.bench == "kernels":
+        shapes = None
+        if args.shape:
+            try:
+                shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shape]
+            except ValueError:
+                raise BadInputError(f"--shape {' '.join(args.shape)}: expected KxN, e.g. 4096x11008") from None
+        result = bench.bench_kernels(shapes, args.m, args.bits, args.group_size or None, args.device, args.rounds,
+                                     progress=err.print)
+        table = bench.kernels_table(result)
+    else:
+        result = bench.bench_generate(args.checkpoint, args.base, tuple(args.dtype), args.prompt_tokens, args.new_tokens,
+                                      args.rounds, args.device, progress=err.print)
+        table = bench.generate_table(result)
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=200)  # piped to a file: keep every column readable
+    out.print(table)
+    if args.json:
+        print(f"wrote {bench.write_json(result, args.json)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
 
             done = build(args.store, args.suite, args.out)
             print(f"done: {', '.join(str(p) for p in done.files)} ({done.rows} rows)")
+        elif args.command == "bench":
+            _bench(args)
         elif args.command == "inspect":
             from . import formats
 

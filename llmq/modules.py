@@ -38,7 +38,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("qzeros", torch.zeros(n_groups, numerics.packed_len(out_features, scheme.bits), dtype=torch.int32, **kw))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw) if has_g_idx else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
-        self.kernel = kernels.select(scheme, device or "cpu")
+        self.choose_kernel(torch.device(device or "cpu"))
+
+    def choose_kernel(self, device: torch.device, name: str | None = None) -> None:
+        """Pick the matmul for `device` (kernels.select); `name` forces one ('auto' = the default choice)."""
+        self._kernel_name = None if name in (None, "auto") else name
+        self.kernel = kernels.select(self.scheme, device, self._kernel_name)
+        self._kernel_device = device
 
     def load_qweight(self, qw: QWeight) -> None:
         """Pack an exact QWeight into this layer's buffers."""
@@ -49,6 +55,8 @@ class QuantLinear(nn.Module):
             buf.copy_(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device != self._kernel_device:  # the model moved since the kernel was chosen
+            self.choose_kernel(x.device, self._kernel_name)
         return self.kernel(x, self)
 
     def extra_repr(self) -> str:

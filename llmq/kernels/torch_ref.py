@@ -22,4 +22,4 @@ def dequantized_weight(layer) -> torch.Tensor:
 
 def linear(x: torch.Tensor, layer) -> torch.Tensor:
     w = dequantized_weight(layer).to(x.dtype)
-    return F.linear(x, w, layer.bias)
+    return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
