@@ -7,6 +7,9 @@ RTN, GPTQ, QAT and every kernel call these functions, so they all agree on one d
 - Asymmetric (min-max): s = (max(w, 0) - min(w, 0)) / (2**bits - 1), z = round(-min(w, 0) / s).
 - Symmetric: z is fixed at 2**(bits-1) and s = 2 * absmax / (2**bits - 1), the GPTQ convention: every element,
   including ±absmax, rounds to within s/2 and all 2**bits levels are used.
+- Codebook formats (`format: nf4 | fp4`, bitsandbytes' 4-bit data types): w ≈ level[q] * s, where level is a
+  fixed table of 16 values in [-1, 1] and s the absmax of the group (bitsandbytes calls groups "blocks"); q is
+  the index of the nearest level. No zero point.
 - Groups run along the input dimension: column j belongs to group j // group_size (or g_idx[j] when given);
   `group_size=None` means one group per output row (per-channel).
 
@@ -28,6 +31,19 @@ from torch import Tensor
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
+# bitsandbytes' 4-bit data types, indexed by code: NF4 (QLoRA, Dettmers et al. 2023: quantiles of a normal
+# distribution, normalized to [-1, 1]) and its FP4 (e2m1 values normalized to [-1, 1]). tests/test_bitsandbytes.py
+# checks these against bitsandbytes' own tables.
+CODEBOOKS: dict[str, tuple[float, ...]] = {
+    "nf4": (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0),
+    "fp4": (0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
+            -0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5,
+            -0.1666666716337204, -0.25),
+}
+
 
 @dataclass(frozen=True)
 class Scheme:
@@ -36,11 +52,16 @@ class Scheme:
     bits: int = 4
     group_size: int | None = 128  # None = one group per output channel
     symmetric: bool = False
-    format: Literal["int", "nf4", "fp4"] = "int"
+    format: Literal["int", "nf4", "fp4", "int8"] = "int"  # int8: bitsandbytes' LLM.int8 (its own quantization only)
 
     @property
     def maxq(self) -> int:
         return (1 << self.bits) - 1
+
+    @property
+    def codebook(self) -> tuple[float, ...] | None:
+        """The levels of a codebook format (nf4, fp4), or None for the integer grid."""
+        return CODEBOOKS.get(self.format)
 
     def n_groups(self, in_features: int) -> int:
         return 1 if self.group_size is None else in_features // self.group_size
@@ -81,14 +102,17 @@ def minmax_qparams(w: Tensor, scheme: Scheme, shrink: float | Tensor = 1.0) -> t
 
 
 def _group_range(wg: Tensor, scheme: Scheme) -> tuple[Tensor, Tensor]:
-    """(low, high) of each group of wg [out, G, gs]: (-, absmax) when symmetric, else (min(w, 0), max(w, 0))."""
-    if scheme.symmetric:
+    """(low, high) of each group of wg [out, G, gs]: (-, absmax) when symmetric or a codebook, else (min(w, 0), max(w, 0))."""
+    if scheme.symmetric or scheme.codebook is not None:
         return wg.abs().amax(dim=-1), wg.abs().amax(dim=-1)
     return wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
 
 
 def _range_qparams(rng: tuple[Tensor, Tensor], scheme: Scheme, shrink: float | Tensor) -> tuple[Tensor, Tensor | None]:
     low, high = rng
+    if scheme.codebook is not None:  # levels span [-1, 1]: the scale is the (clipped) absmax
+        scales = high * shrink
+        return torch.where(scales > 0, scales, torch.ones_like(scales)), None
     if scheme.symmetric:
         scales = 2 * (high * shrink) / scheme.maxq
         return torch.where(scales > 0, scales, torch.ones_like(scales)), None
@@ -124,6 +148,34 @@ def from_grid(q: Tensor, s: Tensor, z: Tensor) -> Tensor:
     return (q - z) * s
 
 
+def nearest_level(x: Tensor, levels: tuple[float, ...]) -> Tensor:
+    """Index (as float, like round_to_grid's codes) of the level nearest to each element of x; the first listed
+    of equal levels (fp4's +0 and -0)."""
+    table = torch.tensor(levels, dtype=torch.float32, device=x.device)
+    order = torch.argsort(table, stable=True)
+    ranked = table[order]
+    keep = torch.ones_like(ranked, dtype=torch.bool)
+    keep[1:] = ranked[1:] != ranked[:-1]
+    ranked, order = ranked[keep], order[keep]
+    mids = (ranked[1:] + ranked[:-1]) / 2
+    return order[torch.bucketize(x.float().contiguous(), mids)].to(torch.float32)
+
+
+def to_codes(w: Tensor, s: Tensor, z: Tensor, scheme: Scheme) -> Tensor:
+    """The codes of w under scales s and zero points z (broadcast against w), as floats: the integer grid's
+    clamp(round(w / s) + z), or a codebook's nearest level to w / s (z unused)."""
+    if scheme.codebook is not None:
+        return nearest_level(w / s, scheme.codebook)
+    return round_to_grid(w, s, z, scheme.maxq)
+
+
+def from_codes(q: Tensor, s: Tensor, z: Tensor, scheme: Scheme) -> Tensor:
+    """Codes back to values: (q - z) * s, or level[q] * s for a codebook."""
+    if scheme.codebook is not None:
+        return torch.tensor(scheme.codebook, dtype=torch.float32, device=q.device)[q.long()] * s
+    return from_grid(q, s, z)
+
+
 def quantize(
     w: Tensor,
     scheme: Scheme,
@@ -137,7 +189,7 @@ def quantize(
     inp = w.shape[1]
     s = _expand(scales.float(), g_idx, inp, scheme)
     z = _expand(zero_values(zeros, scales, scheme), g_idx, inp, scheme)
-    q = round_to_grid(w.float(), s, z, scheme.maxq)
+    q = to_codes(w.float(), s, z, scheme)
     dtype = torch.uint8 if scheme.bits <= 8 else torch.int32
     return QWeight(q.to(dtype), scales, zeros, g_idx)
 
@@ -147,7 +199,7 @@ def dequantize(qw: QWeight, scheme: Scheme, dtype: torch.dtype = torch.float32) 
     inp = qw.q.shape[1]
     s = _expand(qw.scales.float(), qw.g_idx, inp, scheme)
     z = _expand(zero_values(qw.zeros, qw.scales, scheme), qw.g_idx, inp, scheme)
-    return from_grid(qw.q.float(), s, z).to(dtype)
+    return from_codes(qw.q.float(), s, z, scheme).to(dtype)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -235,9 +287,11 @@ def mse_qparams(
         for p in shrinks:
             s, z = _range_qparams(rng, scheme, p)
             zv, sv = zero_values(z, s, scheme).unsqueeze(-1), s.unsqueeze(-1)
-            # d = |from_grid(round_to_grid(wg, s, z), s, z) - wg|^norm, computed in place
-            torch.div(wg, sv, out=d)
-            d.round_().add_(zv).clamp_(0, scheme.maxq).sub_(zv).mul_(sv).sub_(wg).abs_().pow_(norm)
+            if scheme.codebook is not None:
+                d = (from_codes(to_codes(wg, sv, zv, scheme), sv, zv, scheme) - wg).abs_().pow_(norm)
+            else:  # d = |from_grid(round_to_grid(wg, s, z), s, z) - wg|^norm, computed in place
+                torch.div(wg, sv, out=d)
+                d.round_().add_(zv).clamp_(0, scheme.maxq).sub_(zv).mul_(sv).sub_(wg).abs_().pow_(norm)
             err = (d if c is None else d.mul_(c)).sum(dim=-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -246,7 +300,7 @@ def mse_qparams(
                 b_z = torch.where(better, z, b_z)
         best_scales.append(b_s)
         best_zeros.append(b_z)
-    zeros = None if scheme.symmetric else torch.cat(best_zeros)
+    zeros = None if scheme.symmetric or scheme.codebook is not None else torch.cat(best_zeros)
     return torch.cat(best_scales), zeros
 
 

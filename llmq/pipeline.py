@@ -31,7 +31,8 @@ from .hf import install_quantized
 from .io import check_output_free, move_into_place, partial_dir
 from .methods import needs_calibration, qat
 from .modules import targeted_linears
-from .recipe import Recipe, check_against_layers
+from .formats import bitsandbytes as bnb_format
+from .recipe import BNB_FORMATS, Recipe, check_against_layers
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -160,9 +161,12 @@ def run(
         raise BadInputError(f"method {recipe.method.name} runs in one process; only qat trains on several (accelerate launch)")
     say = (console or Console(quiet=not main)).print
 
+    bnb = recipe.scheme.format in BNB_FORMATS
+    if bnb:
+        bnb_format.require()
     t = time.perf_counter()
     base_dir = models.resolve(recipe.model)
-    check_model_shapes(recipe, base_dir)
+    targeted = check_model_shapes(recipe, base_dir)
     tokenizer = models.load_tokenizer(base_dir)
     windows = None
     if recipe.eval is not None:
@@ -193,6 +197,7 @@ def run(
 
     dtype = DTYPES[recipe.output.dtype]
     extra: dict[str, Any] = {}
+    bnb_model = None  # rtn with a bitsandbytes format: the model bitsandbytes quantized while loading
     if recipe.method.name == "qat":
         say(f"quantization-aware training ({scheme_label(recipe)}), starting from {recipe.method.init}")
 
@@ -210,6 +215,11 @@ def run(
             return None
         extra["qat"] = {"init": recipe.method.init, "init_seconds": round(trained.init_seconds, 3),
                         "training": trained.train.to_dict()}
+    elif bnb and recipe.method.name == "rtn":
+        say(f"quantizing with bitsandbytes' own {scheme_label(recipe)}")
+        t = time.perf_counter()
+        bnb_model = bnb_format.quantize_with_bitsandbytes(base_dir, recipe.scheme.to_scheme(), dtype, list(targeted))
+        summary = blockwise.QuantizeSummary(layers=list(targeted), seconds=time.perf_counter() - t)
     else:
         say(f"quantizing with {recipe.method.name} ({scheme_label(recipe)}), one decoder block at a time")
         summary = blockwise.quantize_checkpoint(recipe, base_dir, work, dtype, calib, log=layer_printer(say), say=say)
@@ -217,13 +227,15 @@ def run(
     names = summary.layers
 
     t = time.perf_counter()
+    if bnb:
+        work = _save_bitsandbytes(recipe, base_dir, work, dtype, names, bnb_model, say)
     tokenizer.save_pretrained(work)
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     move_into_place(work, out, overwrite)
     timings["save_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    qmodel = models.load_model(out)
+    qmodel = models.load_model(out, bitsandbytes=bnb)
     timings["reload_s"] = time.perf_counter() - t
     if windows is not None:
         say(f"evaluating quantized model reloaded from {out}")
@@ -269,8 +281,38 @@ def run(
     return result
 
 
+def _save_bitsandbytes(recipe: Recipe, base_dir: Path, work: Path, dtype: torch.dtype, names: list[str], bnb_model, say) -> Path:
+    """Write the checkpoint in bitsandbytes' serialization into a fresh folder beside `work` and return it: the model
+    bitsandbytes quantized (rtn), or, for gptq, bitsandbytes' modules carrying the codes GPTQ left in `work`."""
+    import shutil
+
+    from .checkpoint import CheckpointReader
+    from .numerics import unpack_qweight
+
+    scheme = recipe.scheme.to_scheme()
+    if bnb_model is None:  # gptq: codes and absmax from the llmq shards in `work`
+        say(f"writing GPTQ's {scheme.format} codes in bitsandbytes' format")
+        bnb_model = bnb_format.quantize_with_bitsandbytes(base_dir, scheme, dtype, names)
+        reader = CheckpointReader(work)
+        qweights = {}
+        for name in names:
+            t = reader.read([f"{name}.qweight", f"{name}.scales", f"{name}.qzeros"])
+            in_features = bnb_model.get_submodule(name).in_features
+            qweights[name] = unpack_qweight(t[f"{name}.qweight"], t[f"{name}.scales"].float(), t[f"{name}.qzeros"], None,
+                                            scheme, in_features)._replace(zeros=None)
+        bnb_format.write_codes(bnb_model, qweights, scheme)
+    final = work.with_name(work.name + "-bnb")
+    shutil.rmtree(final, ignore_errors=True)
+    bnb_model.save_pretrained(final)
+    shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
 def scheme_label(recipe: Recipe) -> str:
     s = recipe.scheme
+    if s.format in BNB_FORMATS:
+        return {"nf4": "NF4", "fp4": "FP4", "int8": "LLM.int8"}[s.format] + " (bitsandbytes" + (
+            ", blocks of 64)" if s.format != "int8" else ", per row)")
     group = "per-channel" if s.group_size is None else f"g{s.group_size}"
     return f"W{s.bits}{group} {'sym' if s.symmetric else 'asym'}, clip={recipe.method.clip}"
 

@@ -29,6 +29,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "W4A16_ASYM": {"bits": 4, "group_size": 128, "symmetric": False},
     "W3A16": {"bits": 3, "group_size": 128, "symmetric": True},
     "W2A16": {"bits": 2, "group_size": 64, "symmetric": False},
+    # bitsandbytes formats, saved in bitsandbytes' serialization (plain transformers loads them)
+    "NF4": {"format": "nf4"},
+    "FP4": {"format": "fp4"},
+    "LLM_INT8": {"format": "int8"},
+}
+# What each bitsandbytes format fixes: 4-bit codebooks in blocks of 64 (the block size transformers uses),
+# LLM.int8 per output row; and the methods that can produce it.
+BNB_FORMATS: dict[str, dict[str, Any]] = {
+    "nf4": {"bits": 4, "group_size": 64, "symmetric": True, "methods": ("rtn", "gptq")},
+    "fp4": {"bits": 4, "group_size": 64, "symmetric": True, "methods": ("rtn", "gptq")},
+    "int8": {"bits": 8, "group_size": None, "symmetric": True, "methods": ("rtn",)},
 }
 
 # Methods llmq knows by name; the ones without an implementation yet are refused at validation time.
@@ -43,13 +54,19 @@ class _Strict(BaseModel):
 
 
 class SchemeConfig(_Strict):
-    """bits / group_size (null = per output channel) / symmetric; `preset` fills the defaults."""
+    """bits / group_size (null = per output channel) / symmetric; `preset` fills the defaults.
+
+    `format`: int (llmq's integer grid, any bits) or a bitsandbytes format saved in bitsandbytes' own
+    serialization — nf4 / fp4 (4-bit codebooks, absmax per block of 64 weights: group_size 64, symmetric) or
+    int8 (LLM.int8: bitsandbytes quantizes, per output row). Those fix bits / group_size / symmetric: leave them
+    out or give the values they need.
+    """
 
     preset: str | None = None
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
-    format: Literal["int"] = "int"
+    format: Literal["int", "nf4", "fp4", "int8"] = "int"
 
     @model_validator(mode="before")
     @classmethod
@@ -61,6 +78,13 @@ class SchemeConfig(_Strict):
             if name not in PRESETS:
                 raise ValueError(f"unknown preset {data['preset']!r} (expected one of {', '.join(PRESETS)})")
             data = {**PRESETS[name], **data, "preset": name}
+        if isinstance(data, dict) and data.get("format") in BNB_FORMATS:
+            fixed = {k: v for k, v in BNB_FORMATS[data["format"]].items() if k != "methods"}
+            for key, value in fixed.items():
+                if key in data and data[key] != value:
+                    raise ValueError(f"{key}: format {data['format']} needs {value if value is not None else 'null'}, "
+                                     f"got {data[key]} (bitsandbytes fixes it; leave it out)")
+            data = {**data, **fixed}
         return data
 
     @field_validator("bits")
@@ -293,6 +317,20 @@ class Recipe(_Strict):
     def _qat_trains(self) -> Recipe:
         if self.method.name == "qat" and self.training is None:
             object.__setattr__(self, "training", TrainingConfig())
+        return self
+
+    @model_validator(mode="after")
+    def _format_fits_method(self) -> Recipe:
+        fmt, m = self.scheme.format, self.method
+        if fmt not in BNB_FORMATS:
+            return self
+        if m.name not in BNB_FORMATS[fmt]["methods"]:
+            raise ValueError(f"method {m.name!r} cannot produce format {fmt} (it takes {' or '.join(BNB_FORMATS[fmt]['methods'])})")
+        if m.name == "rtn" and m.clip != "minmax":
+            raise ValueError(f"method rtn with format {fmt} is bitsandbytes' own quantization (absmax): clip must be minmax "
+                             "(use method gptq for a clipped, error-compensated one)")
+        if m.name == "gptq" and m.act_order and not m.static_groups:
+            raise ValueError(f"format {fmt} stores blocks in column order: act_order needs static_groups: true")
         return self
 
     @model_validator(mode="after")

@@ -132,8 +132,8 @@ def gptq_quantize(
                 group_zeros.append(None if gs_z is None else gs_z[:, 0])
                 s, z = gs_s[:, 0], numerics.zero_values(gs_z, gs_s, scheme)[:, 0]
             wcol = W1[:, i]
-            q = numerics.round_to_grid(wcol, s, z, scheme.maxq)
-            err = (wcol - numerics.from_grid(q, s, z)) / Hinv1[i, i]
+            q = numerics.to_codes(wcol, s, z, scheme)
+            err = (wcol - numerics.from_codes(q, s, z, scheme)) / Hinv1[i, i]
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # the error, spread over the block's remaining columns
             Q1[:, i] = q
             Err1[:, i] = err
