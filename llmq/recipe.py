@@ -30,9 +30,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "W3A16": {"bits": 3, "group_size": 128, "symmetric": True},
     "W2A16": {"bits": 2, "group_size": 64, "symmetric": False},
     # bitsandbytes formats, saved in bitsandbytes' serialization (plain transformers loads them)
-    "NF4": {"format": "nf4"},
-    "FP4": {"format": "fp4"},
-    "LLM_INT8": {"format": "int8"},
+    "NF4": {"format": "nf4", "bits": 4, "group_size": 64, "symmetric": True},
+    "FP4": {"format": "fp4", "bits": 4, "group_size": 64, "symmetric": True},
+    "LLM_INT8": {"format": "int8", "bits": 8, "group_size": None, "symmetric": True},
 }
 # What each bitsandbytes format fixes: 4-bit codebooks in blocks of 64 (the block size transformers uses),
 # LLM.int8 per output row; and the methods that can produce it.
@@ -78,7 +78,7 @@ class SchemeConfig(_Strict):
             if name not in PRESETS:
                 raise ValueError(f"unknown preset {data['preset']!r} (expected one of {', '.join(PRESETS)})")
             data = {**PRESETS[name], **data, "preset": name}
-        if isinstance(data, dict) and data.get("format") in BNB_FORMATS:
+        if isinstance(data, dict) and isinstance(data.get("format"), str) and data["format"] in BNB_FORMATS:
             fixed = {k: v for k, v in BNB_FORMATS[data["format"]].items() if k != "methods"}
             for key, value in fixed.items():
                 if key in data and data[key] != value:
