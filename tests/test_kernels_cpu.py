@@ -149,3 +149,33 @@ def test_quantized_model_in_bf16_is_close_to_reference_kernel(tiny_recipe, tmp_p
         ref = model(ids).logits.float()
     assert (fast - ref).abs().max() <= 0.05 * ref.abs().max()
     assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_bench_commands_report_every_configuration(tiny_recipe, tmp_path, capsys):
+    """`llmq bench kernels` / `generate` run end to end on tiny inputs and write what they print (no timing is
+    asserted: benchmarks are not tests)."""
+    import json
+
+    import llmq
+    from llmq.cli import main
+
+    assert main(["bench", "kernels", "--shape", "128x64", "--m", "1", "3", "--group-size", "32", "--rounds", "1",
+                 "--device", "cpu", "--json", str(tmp_path / "k.json")]) == 0
+    rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+    assert {(r["m"], r["kernel"], r["dtype"]) for r in rows} == {
+        (m, k, d) for m in (1, 3) for k, d in (("dense", "float32"), ("dense", "bfloat16"), ("cpu", "bfloat16"), ("reference", "bfloat16"))}
+    assert all(r["us"] > 0 and r["group_size"] == 32 for r in rows)
+    assert main(["bench", "kernels", "--shape", "64by32"]) == 2 and "expected KxN" in capsys.readouterr().err
+
+    llmq.run(tiny_recipe)
+    out = tiny_recipe["output"]["dir"]
+    assert main(["bench", "generate", out, "--base", tiny_recipe["model"], "--prompt-tokens", "8", "--new-tokens", "3",
+                 "--rounds", "1", "--json", str(tmp_path / "g.json")]) == 0
+    result = json.loads((tmp_path / "g.json").read_text())
+    labels = [r["label"] for r in result["rows"]]
+    assert labels == ["base float32", "base bfloat16", "quantized float32", "quantized bfloat16"]
+    kernels_used = {r["label"]: r["kernels"] for r in result["rows"]}
+    n = len([m for m in llmq.load(out).modules() if isinstance(m, QuantLinear)])
+    assert kernels_used["quantized float32"] == {"cpu-reference": n} and kernels_used["quantized bfloat16"] == {"cpu-int4": n}
+    assert kernels_used["base float32"] == {} and result["rows"][0]["decode_speedup"] == 1.0
+    assert "decode tok/s" in capsys.readouterr().out
