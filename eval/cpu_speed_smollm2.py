@@ -64,8 +64,8 @@ def main() -> None:
     from llmq import bench
 
     lines = ["# CPU speed of llmq checkpoints (SmolLM2-135M-Instruct)", "",
-             f"`python eval/cpu_speed_smollm2.py` ({time.strftime('%Y-%m-%d')}); numbers are medians of "
-             f"{args.rounds} interleaved rounds.", ""]
+             (f"`python eval/cpu_speed_smollm2.py` ({time.strftime('%Y-%m-%d')}); numbers are medians of "
+              f"{args.rounds} interleaved rounds."), ""]
     for row in ROWS:
         result = bench.bench_generate(str(checkpoint(row)), BASE, ("float32", "bfloat16"), 128, 64, args.rounds,
                                       progress=print)
@@ -87,8 +87,8 @@ def main() -> None:
     for bits, group in ((4, 64), (8, None)):
         result = bench.bench_kernels(bits=bits, group_size=group, rounds=args.rounds, progress=print)
         bench.write_json(result, RESULTS / f"cpu_kernels_w{bits}.json")
-        lines += [f"## One layer, W{bits} {'g' + str(group) if group else 'per-channel'} (`llmq bench kernels`; "
-                  f"copy bandwidth {result['bandwidth_gbps']:.1f} GB/s)", "",
+        lines += [(f"## One layer, W{bits} {'g' + str(group) if group else 'per-channel'} (`llmq bench kernels`; "
+                   f"copy bandwidth {result['bandwidth_gbps']:.1f} GB/s)"), "",
                   "| K x N | M | kernel | dtype | µs | GB/s | % bw | vs dense bf16 |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['k']}x{r['n']} | {r['m']} | {r['kernel']} | {r['dtype']} | {r['us']:.1f} | {r['gbps']:.1f} | "
                   f"{r['pct_bandwidth']:.0f} | {r['speedup_vs_bf16']:.2f}x |" for r in result["rows"]]

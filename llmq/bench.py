@@ -10,7 +10,6 @@ Tests check the kernels' numbers (tests/test_kernels_*.py); nothing here is a te
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -166,8 +165,6 @@ def _model_bytes(model: torch.nn.Module) -> int:
 
 
 def _served_by(model: torch.nn.Module) -> dict[str, int]:
-    from .kernels import cpu
-
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, QuantLinear):

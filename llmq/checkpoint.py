@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import LlmqError
+from .io import write_text_atomic
 
 INDEX = "model.safetensors.index.json"
 
@@ -97,9 +98,7 @@ def torch_save_atomic(obj: Any, path: Path) -> None:
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_index(folder: Path, weight_map: dict[str, str]) -> None:

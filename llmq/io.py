@@ -16,6 +16,15 @@ from pathlib import Path
 from .errors import BadInputError
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write a text file through a hidden temporary file and a rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def check_output_free(target: Path, overwrite: bool) -> None:
     """Refuse an existing output folder unless overwrite was asked for (checked before any heavy work)."""
     if target.exists() and not overwrite:

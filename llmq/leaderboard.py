@@ -27,6 +27,7 @@ from rich.table import Table
 
 from .errors import BadInputError
 from .evaluate import LOWER_IS_BETTER, SuiteRun, recovery
+from .io import write_text_atomic
 from .results import ResultsStore
 
 
@@ -257,11 +258,6 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def build(store: str | Path | None, suite: str, out: str | Path) -> Built:
@@ -273,8 +269,8 @@ def build(store: str | Path | None, suite: str, out: str | Path) -> Built:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images = plots(rows, out)
-    files = [_write(out / "leaderboard.md", markdown(rows, labels, suite)),
-             _write(out / "leaderboard.html", page(rows, labels, suite, [p.name for p in images])), *images]
+    files = [write_text_atomic(out / "leaderboard.md", markdown(rows, labels, suite)),
+             write_text_atomic(out / "leaderboard.html", page(rows, labels, suite, [p.name for p in images])), *images]
     return Built(files, len(rows))
 
 

@@ -25,13 +25,13 @@ from rich.console import Console
 from . import blockwise, calibration, data, models, report, suites
 from .errors import BadInputError
 from .evaluate import Perplexity, evaluate_suite, perplexity
+from .formats import bitsandbytes as bnb_format
 from .gate import GateFailed
 from .gate import check as check_gate
 from .hf import install_quantized
 from .io import check_output_free, move_into_place, partial_dir
 from .methods import needs_calibration, qat
 from .modules import targeted_linears
-from .formats import bitsandbytes as bnb_format
 from .recipe import BNB_FORMATS, Recipe, check_against_layers
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

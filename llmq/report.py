@@ -5,7 +5,6 @@ card README.md, and a table for the terminal. Written from the numbers the run m
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from rich.table import Table
 
 from . import models
 from .evaluate import recovery
+from .io import write_text_atomic
 from .recipe import GPTQ_KEYS, QAT_KEYS
 
 REPORT_VERSION = 2
@@ -25,12 +25,6 @@ REPORT_VERSION = 2
 
 def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def build(
@@ -82,8 +76,8 @@ def write(
 ) -> dict[str, Any]:
     report = build(result, quantized_layers, layer_rows, quantization, command, gate)
     out = Path(result.output_dir)
-    _write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_atomic(out / "README.md", model_card(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "README.md", model_card(report))
     return report
 
 

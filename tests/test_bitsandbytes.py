@@ -4,6 +4,7 @@ that plain transformers + bitsandbytes load with no llmq import (checked in a fr
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -120,7 +121,7 @@ PLAIN_LOAD = textwrap.dedent(
 
 def plain_transformers(folder) -> dict:
     """Load `folder` with transformers alone in a fresh interpreter; its Linear classes and some logits."""
-    done = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folder)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folder)], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -141,9 +142,9 @@ def test_run_saves_bitsandbytes_checkpoints_plain_transformers_loads(tiny_recipe
     assert not list(out.glob("*.partial*")) and not list(out.parent.glob(".*partial*"))
     plain = plain_transformers(out)
     assert plain["kinds"] == (["Linear", "Linear4bit"] if fmt != "int8" else ["Linear", "Linear8bitLt"])
-    assert all(v == v for v in plain["logits"])  # finite, no NaN
+    assert all(math.isfinite(v) for v in plain["logits"])
     q = result.metrics["quantized"]["ppl"]
-    assert q == q and q < 3 * result.metrics["base"]["ppl"]
+    assert math.isfinite(q) and q < 3 * result.metrics["base"]["ppl"]
     if method == "rtn":  # bitsandbytes' own quantization: exactly what transformers makes of the base model
         ref = bnb_format.quantize_with_bitsandbytes(tiny_recipe["model"], Scheme(format=fmt, bits=4 if fmt != "int8" else 8,
                                                                                    group_size=64 if fmt != "int8" else None,
