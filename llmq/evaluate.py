@@ -162,7 +162,8 @@ def evaluate_suite(
         plan.append((t.label, Key(digest, suite.name, t.task, t.shots, t.limit, __version__, lm_eval, procs), t))
     # Every process reads the store before any of them evaluates: results are written only after a task's
     # collective scoring ends, so all processes agree on what is missing.
-    plan = [(label, key, t, store.get(key)) for label, key, t in plan]
+    stored = store.get_many([key for _, key, _ in plan])
+    plan = [(label, key, t, found) for (label, key, t), found in zip(plan, stored, strict=True)]
     if main:
         store.describe(digest, info)
     lm = None

@@ -94,9 +94,17 @@ class ResultsStore:
 
     def get(self, key: Key) -> dict[str, Any] | None:
         """The newest result with exactly this key, or None."""
-        wanted = key.to_dict()
-        found = [r for r in self.results() if {k: r.get(k) for k in wanted} == wanted]
-        return found[-1] if found else None
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: list[Key]) -> list[dict[str, Any] | None]:
+        """`get` for several keys, reading the file once."""
+        newest: dict[str, dict[str, Any]] = {}
+        wanted = {json.dumps(k.to_dict(), sort_keys=True): k.to_dict() for k in keys}
+        for r in self.results():
+            for text, fields in wanted.items():
+                if {k: r.get(k) for k in fields} == fields:
+                    newest[text] = r
+        return [newest.get(json.dumps(k.to_dict(), sort_keys=True)) for k in keys]
 
     def put(self, key: Key, metrics: dict[str, float], samples: int, seconds: float, model: dict[str, Any],
             **extra: Any) -> dict[str, Any]:
