@@ -117,7 +117,7 @@ def bench_kernels(
                 it = _cycle(ws)
                 fns[("dense", str(dt).removeprefix("torch."))] = lambda it=it, xx=x[dt]: F.linear(xx, next(it))
             for name in quant_kernels:
-                kern = kernels.KERNELS[name]
+                kern = kernels.by_name(name)
                 it = _cycle(layers)
                 fns[(name, str(act).removeprefix("torch."))] = lambda it=it, kern=kern, xx=x[act]: kern(xx, next(it))
             inner = copies
@@ -168,7 +168,7 @@ def _served_by(model: torch.nn.Module) -> dict[str, int]:
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            name = next((n for n, f in kernels.KERNELS.items() if f is m.kernel), "custom")
+            name = kernels.name_of(m.kernel)
             if name == "cpu":
                 packed = getattr(m, "_cpu_packed", None)
                 op = packed.op if packed is not None else None

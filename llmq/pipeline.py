@@ -164,6 +164,9 @@ def run(
     bnb = recipe.scheme.format in BNB_FORMATS
     if bnb:
         bnb_format.require()
+        if recipe.method.name == "rtn" and work.is_dir() and any(work.iterdir()):  # nothing to resume: say so, keep it
+            raise BadInputError(f"{work} holds an interrupted run for {str(out)!r}, and {scheme_label(recipe)} with rtn "
+                                "does not resume; remove that folder (or pick another output) to start afresh")
     t = time.perf_counter()
     base_dir = models.resolve(recipe.model)
     targeted = check_model_shapes(recipe, base_dir)

@@ -91,10 +91,29 @@ def _ppl_line(name: str, m: dict) -> str:
     return f"| {name} | {m['ppl']:.3f} | {m['corpus']} | {m['seqlen']} | {m['windows']} | {m['tokens']} |"
 
 
+BNB_WORDS = {"nf4": "bitsandbytes NF4, absmax per block of 64", "fp4": "bitsandbytes FP4, absmax per block of 64",
+             "int8": "bitsandbytes LLM.int8, per row"}
+
+
 def _scheme_words(s: dict[str, Any]) -> str:
     from .formats.detect import scheme_words
 
+    if s.get("format", "int") in BNB_WORDS:
+        return BNB_WORDS[s["format"]]
     return scheme_words(s["bits"], s["group_size"], s["symmetric"])
+
+
+def _storage_sentence(s: dict[str, Any]) -> str:
+    """How the quantized layers are stored and what loads them."""
+    fmt = s.get("format", "int")
+    if fmt in ("nf4", "fp4"):
+        return (f"store {fmt.upper()} codes (4-bit, a scale per block of 64 weights) in bitsandbytes' own serialization: "
+                "plain transformers loads it with bitsandbytes installed (`from_pretrained(\"FOLDER\")`), no llmq import.")
+    if fmt == "int8":
+        return ("store LLM.int8 weights (int8, a scale per row) in bitsandbytes' own serialization: plain transformers "
+                "loads it with bitsandbytes installed (`from_pretrained(\"FOLDER\")`), no llmq import.")
+    return (f"store {s['bits']}-bit integer weights with per-group scales and zero points (llmq format; load with "
+            "`import llmq` before `from_pretrained`).")
 
 
 def _header(report: dict[str, Any], tags: list[str], extra: dict[str, Any] | None = None) -> list[str]:
@@ -104,13 +123,15 @@ def _header(report: dict[str, Any], tags: list[str], extra: dict[str, Any] | Non
         "base_model": report["model"]["base_model"],
         **({"license": report["model"]["license"]} if "license" in report["model"] else {}),
         "library_name": "transformers",
-        "tags": ["llmq", "quantized", f"{s['bits']}-bit", r["method"]["name"], *tags],
+        "tags": ["llmq", "quantized", f"{s['bits']}-bit", r["method"]["name"],
+                 *(["bitsandbytes", s["format"]] if s.get("format", "int") != "int" else []), *tags],
         "quantization": {
             "tool": f"llmq {report['llmq_version']}",
             "method": r["method"]["name"],
             "bits": s["bits"],
             "group_size": s["group_size"],
             "symmetric": s["symmetric"],
+            **({"format": s["format"]} if s.get("format", "int") != "int" else {}),
             "clip": r["method"]["clip"],
             **({k: r["method"][k] for k in GPTQ_KEYS} if _uses_gptq(r["method"]) else {}),
             **({k: r["method"][k] for k in QAT_KEYS} if r["method"]["name"] == "qat" else {}),
@@ -196,8 +217,7 @@ def model_card(report: dict[str, Any]) -> str:
         f"# {r['model']} — {s['bits']}-bit {r['method']['name'].upper()} ({_scheme_words(s)})",
         "",
         f"Quantized with llmq {report['llmq_version']} from `{report['model']['base_model']}`. Linear layers matching "
-        f"{r['targets']} and not {r['ignore']} ({report['quantized_layers']} layers) store {s['bits']}-bit integer "
-        "weights with per-group scales and zero points (llmq format; load with `import llmq` before `from_pretrained`).",
+        f"{r['targets']} and not {r['ignore']} ({report['quantized_layers']} layers) {_storage_sentence(s)}",
         "",
         *_calibration_lines(r),
         *_training_lines(report),

@@ -140,6 +140,8 @@ def test_run_saves_bitsandbytes_checkpoints_plain_transformers_loads(tiny_recipe
     assert config["quant_method"] == "bitsandbytes"
     assert config["load_in_4bit" if fmt != "int8" else "load_in_8bit"]
     assert not list(out.glob("*.partial*")) and not list(out.parent.glob(".*partial*"))
+    card = (out / "README.md").read_text()
+    assert "bitsandbytes' own serialization" in card and "import llmq" not in card and f"format: {fmt}" in card
     plain = plain_transformers(out)
     assert plain["kinds"] == (["Linear", "Linear4bit"] if fmt != "int8" else ["Linear", "Linear8bitLt"])
     assert all(math.isfinite(v) for v in plain["logits"])

@@ -34,10 +34,21 @@ from llmq.kernels import torch_ref
 from llmq.modules import QuantLinear
 from llmq.numerics import QWeight, Scheme
 
-# import_module, not `from llmq.kernels import triton_wna16`: the package may bind that name to something else
+
+def _load_private_copy(name: str):
+    """A fresh copy of the kernel module, not registered in sys.modules (the package keeps its own)."""
+    spec = importlib.util.spec_from_file_location(f"llmq.kernels.{name}", importlib.util.find_spec(
+        "llmq.kernels.triton_wna16").origin)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 tw = importlib.import_module("llmq.kernels.triton_wna16")
-if not torch.cuda.is_available() and not tw.INTERPRET:  # imported (compiled flavour) before this file set the flag
-    tw = importlib.reload(tw)
+if not torch.cuda.is_available() and not tw.INTERPRET:
+    # Another test module imported llmq first, so the package's copy was decorated for compilation: test a
+    # private copy decorated for the interpreter instead, and leave the package's module as it is.
+    tw = _load_private_copy("_triton_wna16_interpreted")
 # The kernels are decorated now. Triton still reads the flag while running interpreted kernels, so the fixture
 # below switches it on around each test here; elsewhere in the session it is left as it was.
 if _INTERPRET_WAS is None:
@@ -241,7 +252,7 @@ def test_bf16_activations_with_fp16_scales():
 
 @pytest.mark.parametrize("shape", [(2, 9, 192), (3, 1, 192), (2, 2, 4, 192)])
 def test_batched_inputs_keep_their_leading_dims(shape):
-    """[B, T, K] inputs: 18 rows take the GEMM, 3 the decode path; a non-contiguous view works too."""
+    """[B, T, K] inputs: 18 rows take the GEMM, 3 and 16 the decode path; a non-contiguous view works too."""
     layer = make_layer(192, 72, Scheme(4, 64, False), seed=len(shape), dtype=torch.bfloat16)
     x = make_input(shape, torch.bfloat16, seed=shape[0])
     y = tw.linear(x, layer)
@@ -285,9 +296,7 @@ def test_module_imports_without_triton(monkeypatch):
     """A CPU-only install has no triton: the module must import and say it supports nothing."""
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("llmq.kernels._triton_wna16_without_triton", tw.__file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_private_copy("_triton_wna16_without_triton")
     assert module.triton is None
     assert not module.supported(Scheme(4, 128), "cuda")
 

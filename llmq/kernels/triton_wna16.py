@@ -61,6 +61,17 @@ def supported(scheme: Scheme, device: torch.device | str) -> bool:
 
 
 if triton is not None:
+    # The kernels call only tl builtins, not the @jit helpers of triton.language.standard (tl.cdiv, tl.sum,
+    # tl.zeros): those are interpretable only when triton itself was imported with TRITON_INTERPRET=1, and in a
+    # test session llmq (and so triton) may be imported before the interpreter is switched on. Sums use
+    # tl.reduce with triton's own sum combiner, which the interpreter recognises and runs as one numpy sum (a
+    # combiner of our own would be correct but is run element by element in Python there).
+
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    _SUM = getattr(tl.standard, "_sum_combine", _add)
 
     @triton.jit
     def _fan_out(words, BITS: tl.constexpr, AXIS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
@@ -255,10 +266,10 @@ if triton is not None:
                                          stride_sg, stride_sn, stride_zg, stride_zw, BITS, 1, BLOCK_N)
         else:
             s_one, z_one = 0.0, 0
-        n_tiles = tl.cdiv(K, BLOCK_K)
-        per_split = tl.cdiv(n_tiles, SPLIT_K)
+        n_tiles = (K + BLOCK_K - 1) // BLOCK_K
+        per_split = (n_tiles + SPLIT_K - 1) // SPLIT_K
         t_end = tl.minimum((pid_s + 1) * per_split, n_tiles)  # trailing splits may own no tile: they store zeros
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for t in range(pid_s * per_split, t_end):
             k0 = t * BLOCK_K
             w = _weight_tile(
@@ -269,7 +280,7 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if BLOCK_M == 1:  # GEMV: fp32 multiply-add and a column sum, no tensor-core padding to 16 rows
                 x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0).to(tl.float32)
-                acc += tl.sum(x[:, None] * w, axis=0)[None, :]
+                acc += tl.reduce(x[:, None] * w, 0, _SUM)[None, :]
             else:
                 x = tl.load(
                     x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -298,8 +309,8 @@ if triton is not None:
     ):
         """One [BLOCK_M, BLOCK_N] output tile per program, over all of K; bias and the output cast fused."""
         pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
+        num_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_n = (N + BLOCK_N - 1) // BLOCK_N
         # Grouped order: GROUP_M row blocks sweep the same column blocks together, so a weight tile is still in
         # L2 when the next row block asks for it.
         per_group = GROUP_M * num_n
@@ -319,7 +330,7 @@ if triton is not None:
                                          stride_sg, stride_sn, stride_zg, stride_zw, BITS, 1, BLOCK_N)
         else:
             s_one, z_one = 0.0, 0
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for k0 in range(0, K, BLOCK_K):
             w = _weight_tile(
                 qw_ptr, s_ptr, z_ptr, g_ptr, k0, n0, offs_n, n_mask, K, KW, ZW,
