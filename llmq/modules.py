@@ -42,9 +42,11 @@ class QuantLinear(nn.Module):
 
     def choose_kernel(self, device: torch.device, name: str | None = None) -> None:
         """Pick the matmul for `device` (kernels.select); `name` forces one ('auto' = the default choice)."""
-        self._kernel_name = None if name in (None, "auto") else name
-        self.kernel = kernels.select(self.scheme, device, self._kernel_name)
-        self._kernel_device = device
+        forced = None if name in (None, "auto") else name
+        # a layer on the meta device (from_pretrained builds them there) cannot run: choose at its first real forward
+        self.kernel = kernels.torch_ref.linear if device.type == "meta" else kernels.select(self.scheme, device, forced)
+        self._kernel_name, self._kernel_device = forced, device
+        self.__dict__.pop("_cpu_packed", None)  # a packed CPU copy is rebuilt if the layer comes back
 
     def load_qweight(self, qw: QWeight) -> None:
         """Pack an exact QWeight into this layer's buffers."""

@@ -324,7 +324,7 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     n, m = codes.shape
     pad = (-n) % 32
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, 0, 0, pad)).reshape(-1, 32, m)
-    words = torch.zeros(c.shape[0], bits + 1, m, dtype=torch.int64)
+    words = torch.zeros(c.shape[0], bits + 1, m, dtype=torch.int64, device=c.device)
     for i, (word, shift) in enumerate(_word_layout(bits)):
         words[:, word] |= c[:, i] << shift  # bits past 32 spill into the high half of the int64 ...
     spill = words[:, :-1] >> 32  # ... and move to the next word
@@ -343,7 +343,7 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     w = torch.nn.functional.pad(w, (0, 0, 0, (-w.shape[0]) % bits)).reshape(-1, bits, m)
     w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)  # a zero word after each block for straddling codes
     mask = (1 << bits) - 1
-    codes = torch.empty(w.shape[0], 32, m, dtype=torch.int64)
+    codes = torch.empty(w.shape[0], 32, m, dtype=torch.int64, device=w.device)
     for i, (word, shift) in enumerate(_word_layout(bits)):
         codes[:, i] = ((w[:, word] | (w[:, word + 1] << 32)) >> shift) & mask
     return codes.reshape(-1, m)[:n].to(torch.uint8)

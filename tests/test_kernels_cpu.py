@@ -163,7 +163,7 @@ def test_bench_commands_report_every_configuration(tiny_recipe, tmp_path, capsys
                  "--device", "cpu", "--json", str(tmp_path / "k.json")]) == 0
     rows = json.loads((tmp_path / "k.json").read_text())["rows"]
     assert {(r["m"], r["kernel"], r["dtype"]) for r in rows} == {
-        (m, k, d) for m in (1, 3) for k, d in (("dense", "float32"), ("dense", "bfloat16"), ("cpu", "bfloat16"), ("reference", "bfloat16"))}
+        (m, k, d) for m in (1, 3) for k, d in (("dense", "float32"), ("dense", "bfloat16"), ("cpu-int4", "bfloat16"), ("reference", "bfloat16"))}
     assert all(r["us"] > 0 and r["group_size"] == 32 for r in rows)
     assert main(["bench", "kernels", "--shape", "64by32"]) == 2 and "expected KxN" in capsys.readouterr().err
 

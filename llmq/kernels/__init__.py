@@ -71,6 +71,8 @@ def use(model: torch.nn.Module, name: str) -> int:
     """Make every QuantLinear of `model` run kernel `name` ('auto' = the default choice); returns how many."""
     from ..modules import QuantLinear
 
+    if name != "auto":
+        by_name(name)  # an unknown name fails here, before any layer changed
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for layer in layers:
         layer.choose_kernel(layer.qweight.device, name)

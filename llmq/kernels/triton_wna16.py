@@ -34,6 +34,7 @@ rounds to bf16: the interpreter's tl.dot is wrong for bf16 and its fp32 -> bf16 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -270,18 +271,36 @@ if triton is not None:
         per_split = (n_tiles + SPLIT_K - 1) // SPLIT_K
         t_end = tl.minimum((pid_s + 1) * per_split, n_tiles)  # trailing splits may own no tile: they store zeros
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        # GEMV over whole groups: sum_k x_k (q_k - z) s = s sum_k x_k (q_k - z) within a group, so the scale is
+        # applied once per column and tile, not per weight; q - z stays an exact integer, as in the reference.
+        PER_GROUP: tl.constexpr = (BLOCK_M == 1) and (SINGLE_GROUP or ((not HAS_G_IDX) and (GROUP_SIZE % BLOCK_K == 0)))
         for t in range(pid_s * per_split, t_end):
             k0 = t * BLOCK_K
-            w = _weight_tile(
-                qw_ptr, s_ptr, z_ptr, g_ptr, k0, n0, offs_n, n_mask, K, KW, ZW,
-                stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zw, s_one, z_one,
-                BITS, GROUP_SIZE, SINGLE_GROUP, HAS_G_IDX, BLOCK_K, BLOCK_N,
-            )
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            if BLOCK_M == 1:  # GEMV: fp32 multiply-add and a column sum, no tensor-core padding to 16 rows
+            if PER_GROUP:
+                q = _weight_codes(qw_ptr, k0, offs_n, n_mask, KW, stride_qk, stride_qn, BITS, BLOCK_K, BLOCK_N)
+                x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0).to(tl.float32)
+                if SINGLE_GROUP:
+                    acc += s_one * tl.reduce(x[:, None] * (q - z_one).to(tl.float32), 0, _SUM)[None, :]
+                else:
+                    g = k0 // GROUP_SIZE + tl.arange(0, 1)
+                    s, z = _group_params(s_ptr, z_ptr, g, g < K // GROUP_SIZE, n0, offs_n, n_mask, ZW,
+                                         stride_sg, stride_sn, stride_zg, stride_zw, BITS, 1, BLOCK_N)
+                    acc += s * tl.reduce(x[:, None] * (q - z).to(tl.float32), 0, _SUM)[None, :]
+            elif BLOCK_M == 1:  # GEMV, groups that do not tile: dequantize, fp32 multiply-add and a column sum
+                w = _weight_tile(
+                    qw_ptr, s_ptr, z_ptr, g_ptr, k0, n0, offs_n, n_mask, K, KW, ZW,
+                    stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zw, s_one, z_one,
+                    BITS, GROUP_SIZE, SINGLE_GROUP, HAS_G_IDX, BLOCK_K, BLOCK_N,
+                )
                 x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0).to(tl.float32)
                 acc += tl.reduce(x[:, None] * w, 0, _SUM)[None, :]
             else:
+                w = _weight_tile(
+                    qw_ptr, s_ptr, z_ptr, g_ptr, k0, n0, offs_n, n_mask, K, KW, ZW,
+                    stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zw, s_one, z_one,
+                    BITS, GROUP_SIZE, SINGLE_GROUP, HAS_G_IDX, BLOCK_K, BLOCK_N,
+                )
                 x = tl.load(
                     x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & (offs_k[None, :] < K), other=0,
@@ -402,6 +421,11 @@ def _interpreted_bf16(x: torch.Tensor) -> bool:
     return INTERPRET and x.dtype == torch.bfloat16
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU, not the current one (layers of one model can sit on several GPUs)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check(x: torch.Tensor, layer) -> None:
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
@@ -435,7 +459,8 @@ def decode_linear(x: torch.Tensor, layer, split_k: int | None = None) -> torch.T
     def grid(cfg):
         return (triton.cdiv(N, cfg["BLOCK_N"]), split)
 
-    _decode_kernel[grid](*args, out, *sizes, split, block_m, *strides, *out.stride(), **meta)
+    with _on(x2.device):
+        _decode_kernel[grid](*args, out, *sizes, split, block_m, *strides, *out.stride(), **meta)
     if final:
         y = out[0].to(x2.dtype)
     else:
@@ -461,7 +486,8 @@ def gemm_linear(x: torch.Tensor, layer) -> torch.Tensor:
     def grid(cfg):
         return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
-    _gemm_kernel[grid](*args, out, *sizes, _m_bucket(M), *strides, *out.stride(), **meta)
+    with _on(x2.device):
+        _gemm_kernel[grid](*args, out, *sizes, _m_bucket(M), *strides, *out.stride(), **meta)
     return out.to(x2.dtype).reshape(*x.shape[:-1], N)
 
 
