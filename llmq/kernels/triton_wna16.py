@@ -50,6 +50,9 @@ except ImportError:  # no triton (CPU-only installs): supported() is False and n
     tl = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as triton.jit itself does at decoration time
+# One fixed config instead of autotuning: always under the interpreter; on a GPU with LLMQ_TRITON_AUTOTUNE=0
+# (tests, where tuning every shape would cost minutes and each shape runs once).
+FIXED = INTERPRET or os.environ.get("LLMQ_TRITON_AUTOTUNE") == "0"
 DECODE_MAX_M = 16  # up to this many rows run the split-K GEMV, more run the tiled GEMM
 
 
@@ -133,6 +136,24 @@ if triton is not None:
             return _fan_out(words, BITS, 0, BLOCK_K, BLOCK_N)
 
     @triton.jit
+    def _gemv_words(x_ptr, qw_ptr, k0, K, KW, offs_n, n_mask, z, stride_xk, stride_qk, stride_qn,
+                    BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """sum_k x_k (q_k - z) over k0:k0+BLOCK_K for 2/4/8-bit codes, [1, BLOCK_N] fp32: the codes stay in their
+        [words, codes per word, columns] shape and x is loaded in the same shape, so no register reshuffle (tl.reshape)
+        sits between the load and the multiply-add."""
+        PACK: tl.constexpr = 32 // BITS
+        W: tl.constexpr = BLOCK_K // PACK
+        wrow = k0 // PACK + tl.arange(0, W)
+        words = tl.load(qw_ptr + wrow[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                        mask=(wrow[:, None] < KW) & n_mask[None, :], other=0)
+        shifts = tl.arange(0, PACK) * BITS
+        codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [W, PACK, BLOCK_N]
+        kk = k0 + tl.arange(0, W)[:, None] * PACK + tl.arange(0, PACK)[None, :]  # [W, PACK]
+        x = tl.load(x_ptr + kk * stride_xk, mask=kk < K, other=0).to(tl.float32)
+        prod = x[:, :, None] * (codes - z[:, None, :]).to(tl.float32)
+        return tl.reduce(tl.reduce(prod, 1, _SUM), 0, _SUM)[None, :]
+
+    @triton.jit
     def _group_params(s_ptr, z_ptr, g, g_mask, n0, offs_n, n_mask, ZW, stride_sg, stride_sn, stride_zg, stride_zw,
                       BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
         """Scales (fp32) and zero points (int32) [ROWS, BLOCK_N] of groups g [ROWS] for columns offs_n, which start at
@@ -204,7 +225,7 @@ if triton is not None:
 
     def _tuned(configs, key, prune=None):
         """triton.autotune on a GPU; under the interpreter the caller passes one fixed config instead."""
-        if INTERPRET:
+        if FIXED:
             return lambda fn: fn
         return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
 
@@ -278,15 +299,19 @@ if triton is not None:
             k0 = t * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if PER_GROUP:
-                q = _weight_codes(qw_ptr, k0, offs_n, n_mask, KW, stride_qk, stride_qn, BITS, BLOCK_K, BLOCK_N)
-                x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0).to(tl.float32)
                 if SINGLE_GROUP:
-                    acc += s_one * tl.reduce(x[:, None] * (q - z_one).to(tl.float32), 0, _SUM)[None, :]
+                    s, z = s_one, z_one
                 else:
                     g = k0 // GROUP_SIZE + tl.arange(0, 1)
                     s, z = _group_params(s_ptr, z_ptr, g, g < K // GROUP_SIZE, n0, offs_n, n_mask, ZW,
                                          stride_sg, stride_sn, stride_zg, stride_zw, BITS, 1, BLOCK_N)
+                if BITS == 3:
+                    q = _weight_codes(qw_ptr, k0, offs_n, n_mask, KW, stride_qk, stride_qn, BITS, BLOCK_K, BLOCK_N)
+                    x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0).to(tl.float32)
                     acc += s * tl.reduce(x[:, None] * (q - z).to(tl.float32), 0, _SUM)[None, :]
+                else:
+                    acc += s * _gemv_words(x_ptr, qw_ptr, k0, K, KW, offs_n, n_mask, z, stride_xk, stride_qk, stride_qn,
+                                           BITS, BLOCK_K, BLOCK_N)
             elif BLOCK_M == 1:  # GEMV, groups that do not tile: dequantize, fp32 multiply-add and a column sum
                 w = _weight_tile(
                     qw_ptr, s_ptr, z_ptr, g_ptr, k0, n0, offs_n, n_mask, K, KW, ZW,
@@ -382,13 +407,14 @@ def _sm_count(index: int) -> int:
 
 
 def _default_split_k(n: int, k: int, device: torch.device) -> int:
-    """K splits for the decode grid: enough programs for about two waves over the GPU's SMs, with at least 512
+    """K splits for the decode grid: about eight programs per SM (measured on an H100: 4-16 splits beat fewer on the
+    issue's shapes; eval/results/gpu_h100/splitk.json), with at least 512
     input columns per split so each program streams a worthwhile run of weight. 1 under the interpreter, where
     parallelism buys nothing."""
     if INTERPRET or device.type != "cuda":
         return 1
     programs = triton.cdiv(n, 128)  # nominal: the autotuned BLOCK_N is 64-256
-    want = max(1, 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) // programs)
+    want = max(1, 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) // programs)
     return max(1, min(want, k // 512, 16))
 
 
@@ -453,7 +479,7 @@ def decode_linear(x: torch.Tensor, layer, split_k: int | None = None) -> torch.T
     out = torch.empty((1 if final else split, M, N), device=x2.device, dtype=out_dtype)
     block_m = 1 if M == 1 else DECODE_MAX_M  # the GEMV, or 16 rows padded to one tensor-core tile
     meta.update(FINAL=final, BLOCK_M=block_m)
-    if INTERPRET:
+    if FIXED:
         meta.update(_DECODE_INTERPRET)
 
     def grid(cfg):
@@ -480,7 +506,7 @@ def gemm_linear(x: torch.Tensor, layer) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], N)
     args, sizes, strides, meta = _layer_args(x2, layer)
     out = torch.empty((M, N), device=x2.device, dtype=torch.float32 if _interpreted_bf16(x2) else x2.dtype)
-    if INTERPRET:
+    if FIXED:
         meta.update(_GEMM_INTERPRET)
 
     def grid(cfg):
