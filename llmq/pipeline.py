@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import os
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,8 @@ def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Re
     """Everything `run` checks before heavy work: the recipe, its evaluation data spec and (optionally) its fit to
     the model's layers (on a meta-device skeleton: no weights are read)."""
     recipe = as_recipe(recipe)
+    if recipe.scheme.format in BNB_FORMATS:
+        bnb_format.require()
     if recipe.eval is not None:
         data.load_text(recipe.eval.data)  # a wrong data spec fails here, not after quantizing
         eval_suite(recipe)  # a wrong suite, task name or threshold key too
@@ -106,6 +109,9 @@ def quantize(
     quantization_config. `calibration` ([n, seqlen] token ids) is needed by methods that calibrate (gptq, qat with
     init gptq); `training` ([n, seqlen] token ids of training text) by qat."""
     scheme = recipe.scheme.to_scheme()
+    if scheme.format in BNB_FORMATS:
+        raise BadInputError(f"scheme.format {scheme.format}: bitsandbytes formats are written by `llmq run` (through "
+                            "transformers' bitsandbytes integration); the in-memory API makes llmq integer layers only")
     dtype = DTYPES[recipe.output.dtype]
     layers = targeted_linears(model, recipe.targets, recipe.ignore)
     check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
@@ -230,11 +236,16 @@ def run(
     names = summary.layers
 
     t = time.perf_counter()
+    final = work
     if bnb:
-        work = _save_bitsandbytes(recipe, base_dir, work, dtype, names, bnb_model, say)
-    tokenizer.save_pretrained(work)
-    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    move_into_place(work, out, overwrite)
+        final = _save_bitsandbytes(recipe, base_dir, work, dtype, names, bnb_model, say)
+        del bnb_model
+        gc.collect()
+    tokenizer.save_pretrained(final)
+    (final / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    move_into_place(final, out, overwrite)
+    if final != work:  # the llmq shards GPTQ wrote, kept until the bitsandbytes checkpoint was in place
+        shutil.rmtree(work, ignore_errors=True)
     timings["save_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -287,8 +298,6 @@ def run(
 def _save_bitsandbytes(recipe: Recipe, base_dir: Path, work: Path, dtype: torch.dtype, names: list[str], bnb_model, say) -> Path:
     """Write the checkpoint in bitsandbytes' serialization into a fresh folder beside `work` and return it: the model
     bitsandbytes quantized (rtn), or, for gptq, bitsandbytes' modules carrying the codes GPTQ left in `work`."""
-    import shutil
-
     from .checkpoint import CheckpointReader
     from .numerics import unpack_qweight
 
@@ -307,7 +316,6 @@ def _save_bitsandbytes(recipe: Recipe, base_dir: Path, work: Path, dtype: torch.
     final = work.with_name(work.name + "-bnb")
     shutil.rmtree(final, ignore_errors=True)
     bnb_model.save_pretrained(final)
-    shutil.rmtree(work, ignore_errors=True)
     return final
 
 

@@ -15,9 +15,12 @@ from llmq.numerics import Scheme
 BF16_EPS = 2.0**-8  # unit roundoff of bf16 (8 significant bits)
 
 
-def make_layer(k: int, n: int, scheme: Scheme, seed: int, bias: bool = True, act_order: bool = False) -> QuantLinear:
+def make_layer(k: int, n: int, scheme: Scheme, seed: int, bias: bool = True, act_order: bool = False,
+               skewed: bool = False) -> QuantLinear:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
+    if skewed:  # rows of one sign: zero points far from the middle (0 or 2**bits - 1)
+        w = w.abs() * torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0)
     g_idx = None
     if act_order:  # as GPTQ's act_order writes it: g_idx[perm[i]] = i // group_size
         perm = torch.randperm(k, generator=g)
@@ -61,10 +64,13 @@ def test_int4_path_matches_reference(bits, group, symmetric):
     assert_close_to_reference(layer, x)
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("symmetric, skewed", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("m", [1, 7, 33])
-def test_int8_per_channel_path_matches_reference(symmetric, m):
-    layer = make_layer(320, 48, Scheme(bits=8, group_size=None, symmetric=symmetric), seed=m)
+def test_int8_per_channel_path_matches_reference(symmetric, skewed, m):
+    layer = make_layer(320, 48, Scheme(bits=8, group_size=None, symmetric=symmetric), seed=m, skewed=skewed)
+    if skewed:
+        zeros = numerics.unpack(layer.qzeros.t(), 8, 48)
+        assert set(zeros.flatten().tolist()) <= {0, 255}  # the rank-one zero-point term carries most of the output
     x = torch.randn(m, 320, generator=torch.Generator().manual_seed(m)).bfloat16()
     packed = cpu.packed_for(layer)
     assert packed.op == "int8" and (packed.offset is None) == symmetric
@@ -129,6 +135,27 @@ def test_select_and_overrides(monkeypatch):
     assert all(m.kernel is torch_ref.linear for m in model)
     kernels.use(model, "auto")
     assert all(m.kernel is cpu.linear for m in model)
+
+
+def test_forced_kernel_is_chosen_on_the_first_real_device(monkeypatch):
+    """from_pretrained builds QuantLinear on the meta device: a forced kernel is checked when the layer first runs."""
+    monkeypatch.setenv(kernels.ENV, "triton")
+    layer = QuantLinear(64, 16, False, Scheme(bits=4, group_size=32), device="meta")
+    assert layer.kernel is torch_ref.linear
+    layer = layer.to_empty(device="cpu")
+    with pytest.raises(BadInputError, match="needs triton and a CUDA device"):
+        layer(torch.randn(2, 64))
+    monkeypatch.setenv(kernels.ENV, "reference")
+    layer.choose_kernel(torch.device("meta"))
+    assert layer(torch.randn(2, 64)).shape == (2, 16) and layer.kernel is torch_ref.linear
+
+
+def test_in_memory_api_refuses_bitsandbytes_formats(tiny_model_dir):
+    import llmq
+
+    model = llmq.load(tiny_model_dir)
+    with pytest.raises(BadInputError, match="written by `llmq run`"):
+        llmq.quantize(model, llmq.Recipe.from_dict({"model": str(tiny_model_dir), "scheme": "nf4"}))
 
 
 def test_quantized_model_in_bf16_is_close_to_reference_kernel(tiny_recipe, tmp_path):

@@ -56,6 +56,9 @@ def _llmq_source(src: Path) -> tuple[Detected, LlmqCodec, torch.dtype]:
     from ..hf import LlmqConfig
 
     cfg = LlmqConfig(**{k: v for k, v in found.quantization_config.items() if k != "quant_method"})
+    if cfg.scheme.format != "int":
+        raise BadInputError(f"{src} holds {cfg.scheme.format} codes, not an integer grid: GPTQ and compressed-tensors "
+                            "store (q - z) * s only")
     return found, LlmqCodec(cfg.scheme, has_g_idx=cfg.g_idx), _dtype(read_config(src))
 
 

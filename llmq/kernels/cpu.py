@@ -82,7 +82,9 @@ def packed_for(layer) -> _Packed:
 
 def _buffers_key(layer) -> tuple:
     tensors = (layer.qweight, layer.scales, layer.qzeros, getattr(layer, "g_idx", None))
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
+    # inference tensors (made under torch.inference_mode) have no version counter: they cannot change in place
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) if t is not None else None
+                 for t in tensors)
 
 
 def _pack(layer, key: tuple) -> _Packed:

@@ -146,7 +146,7 @@ def gptq_quantize(
         scales, zeros = static
     elif grouped:
         scales = torch.stack(group_scales, dim=1)
-        zeros = None if scheme.symmetric else torch.stack(group_zeros, dim=1)
+        zeros = None if scheme.symmetric or scheme.codebook is not None else torch.stack(group_zeros, dim=1)
         if perm is not None:  # groups were formed in act order: column perm[j] belongs to group j // gs
             g_idx = torch.empty(K, dtype=torch.int32, device=W.device)
             g_idx[perm] = torch.arange(K, dtype=torch.int32, device=W.device) // gs
