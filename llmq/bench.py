@@ -160,17 +160,19 @@ def bench_kernels(
 def _kernel_read(name: str, layer: QuantLinear) -> tuple[str, int]:
     """(row label, weight bytes the kernel reads): llmq's packed buffers, or the CPU kernel's own packed copy; a
     layer the CPU ops refuse is labelled as the reference it falls back to."""
-    def nbytes(*ts):
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
-
     if name == "cpu":
         from .kernels import cpu
 
         packed = cpu.packed_for(layer)
         if packed.op is None:
-            return "cpu (reference fallback)", nbytes(layer.qweight, layer.scales, layer.qzeros)
-        return f"cpu-{packed.op}", nbytes(packed.weight, packed.scales, packed.offset)
-    return name, nbytes(layer.qweight, layer.scales, layer.qzeros)
+            return "cpu (reference fallback)", _nbytes(layer.qweight, layer.scales, layer.qzeros)
+        return f"cpu-{packed.op}", _nbytes(packed.weight, packed.scales, packed.offset)
+    return name, _nbytes(layer.qweight, layer.scales, layer.qzeros)
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by the given tensors (None skipped)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _cycle(items: list):
@@ -195,11 +197,11 @@ class GenerateRow:
 
 
 def _model_bytes(model: torch.nn.Module) -> int:
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    total = _nbytes(*model.parameters(), *model.buffers())
     for m in model.modules():
         packed = getattr(m, "_cpu_packed", None)
         if packed is not None and packed.weight is not None:
-            total += sum(t.numel() * t.element_size() for t in (packed.weight, packed.scales) if t is not None)
+            total += _nbytes(packed.weight, packed.scales)
     return total
 
 
