@@ -6,23 +6,17 @@
 
 Importing llmq registers `quant_method: "llmq"` with transformers, so `AutoModelForCausalLM.from_pretrained`
 loads llmq checkpoints as QuantLinear layers. `llmq.formats` exports them to GPTQ / compressed-tensors and imports
-those formats back.
+those formats back. Messages go to the "llmq" logger (silence it with logging.getLogger("llmq").setLevel(...)).
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("llmq")  # single source of truth: pyproject.toml
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
-
 from . import calibration, formats
-from . import hf as _hf
+from .checkpoint import hf as _hf
 from .errors import BadInputError, LlmqError
-from .models import load_model as load
+from .loading import load_model as load
 from .numerics import QWeight, Scheme
 from .pipeline import quantize, run, validate
 from .recipe import Recipe
+from .version import __version__
 
 _hf.register()
 

@@ -10,6 +10,7 @@ Tests check the kernels' numbers (tests/test_kernels_*.py); nothing here is a te
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -21,8 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels, numerics
-from .modules import QuantLinear
+from .checkpoint.quant_linear import QuantLinear
+from .environment import default_device
+from .evaluation.checkpoint_info import describe_checkpoint
+from .io import write_json_atomic
+from .kernels import cpu
+from .loading import load_model
+from .model.resolve import resolve
 from .numerics import Scheme
+
+logger = logging.getLogger(__name__)
 
 CPU_SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 49152)]  # SmolLM2-135M: attention, MLP up / down, lm_head
 GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672)]  # (K, N) of the issue's targets
@@ -113,10 +122,9 @@ def bench_kernels(
     group_size: int | None = 128,
     device: str | None = None,
     rounds: int = 5,
-    progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Time one layer's matmul per (K, N) shape and batch size M: dense fp32 / bf16 against llmq's kernels."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device or default_device())
     shapes = shapes or (GPU_SHAPES if dev.type == "cuda" else CPU_SHAPES)
     ms = ms or ([1, 16, 2048] if dev.type == "cuda" else [1, 16, 128])
     act = torch.bfloat16  # the issue's yardstick: bf16 activations against a dense bf16 matmul
@@ -129,7 +137,7 @@ def bench_kernels(
         copies = max(2, min(256, COLD_BYTES // max(1, k * n * bits // 8)))
         gs = group_size if group_size is None or k % group_size == 0 else next(g for g in (64, 32, 16, 8, 4, 2, 1) if k % g == 0)
         scheme = Scheme(bits=bits, group_size=gs, symmetric=False)
-        progress(f"K={k} N={n}: group size {gs or 'per-channel'}, {copies} copies of each weight")
+        logger.info(f"K={k} N={n}: group size {gs or 'per-channel'}, {copies} copies of each weight")
         dense = {dt: [torch.randn(n, k, device=dev, dtype=dt) * 0.02 for _ in range(copies)] for dt in dense_dtypes}
         layers = [_random_layer(k, n, scheme, dev, act, seed=i) for i in range(copies)]
         for m in ms:
@@ -161,8 +169,6 @@ def _kernel_read(name: str, layer: QuantLinear) -> tuple[str, int]:
     """(row label, weight bytes the kernel reads): llmq's packed buffers, or the CPU kernel's own packed copy; a
     layer the CPU ops refuse is labelled as the reference it falls back to."""
     if name == "cpu":
-        from .kernels import cpu
-
         packed = cpu.packed_for(layer)
         if packed.op is None:
             return "cpu (reference fallback)", _nbytes(layer.qweight, layer.scales, layer.qzeros)
@@ -243,22 +249,18 @@ def bench_generate(
     new_tokens: int = 64,
     rounds: int = 5,
     device: str | None = None,
-    progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Prefill and decode tokens/s of a checkpoint and its base, each in every dtype, timed round-robin."""
-    from . import models
-    from .evaluate import describe_checkpoint
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    folder = models.resolve(checkpoint)
+    dev = torch.device(device or default_device())
+    folder = resolve(checkpoint)
     if base is None:
         base = describe_checkpoint(checkpoint, folder).get("base")
     specs = ([("base", base)] if base else []) + [("quantized", checkpoint)]
     loaded = []
     for label, spec in specs:
         for dt in dtypes:
-            progress(f"loading {spec} in {dt}")
-            model = models.load_model(models.resolve(spec), dtype=getattr(torch, dt)).to(dev)
+            logger.info(f"loading {spec} in {dt}")
+            model = load_model(resolve(spec), dtype=getattr(torch, dt)).to(dev)
             loaded.append((f"{label} {dt}", spec, dt, model))
     vocab = loaded[0][3].config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(dev)
@@ -266,7 +268,7 @@ def bench_generate(
         _generate_once(model, prompt, 4, dev)
     timings: dict[str, list[tuple[float, float]]] = {row[0]: [] for row in loaded}
     for r in range(rounds):
-        progress(f"round {r + 1}/{rounds}")
+        logger.info(f"round {r + 1}/{rounds}")
         for label, _, _, model in loaded:
             timings[label].append(_generate_once(model, prompt, new_tokens, dev))
     rows = []
@@ -300,8 +302,6 @@ def _device_name(dev: torch.device) -> str:
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> Path:
-    from .checkpoint import write_json_atomic
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(result, path)

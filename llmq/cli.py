@@ -7,10 +7,12 @@ failed (eval.thresholds), 1 any other failure, 130 interrupted. Set LLMQ_DEBUG=1
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
 from .errors import BadInputError, LlmqError
+from .numerics import SUPPORTED_BITS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Quantize Hugging Face causal LMs and measure what it cost.",
         epilog="Examples: llmq run recipes/quickstart.yaml; llmq export out/quickstart out/qs-gptq --format gptq",
     )
-    from . import __version__
+    from .version import __version__
 
     p.add_argument("--version", action="version", version=f"llmq {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -74,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                                "accelerate launch --multi_gpu --num_processes 2 -m llmq.cli eval out/w4 --suite quick")
     ev.add_argument("checkpoint", help="a checkpoint folder, a built-in alias (smollm2-135m) or a hub id (online only)")
     ev.add_argument("--suite", default="quick",
-                    help="a suite name (eval/suites: quick, leaderboard, leaderboard-cpu) or a suite .yaml file. Default: quick")
+                    help="a suite name (llmq/evaluation/suites: quick, leaderboard, leaderboard-cpu) or a suite .yaml "
+                         "file. Default: quick")
     ev.add_argument("--limit", type=int, help="documents per task (per subject for MMLU), replacing the suite's limits")
     ev.add_argument("--word-perplexity", action="store_true",
                     help="also run lm-eval's word perplexity on the wiki articles (task llmq_wikitext; not the protocol's perplexity)")
@@ -86,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="build the leaderboard (Markdown, HTML, plots) from the results store",
                         description="Draw one table, one sortable HTML page and two plots (wiki perplexity vs weight bits, "
                                     "average accuracy vs size on disk with the Pareto front) from the results of one suite.",
-                        epilog="Example: llmq leaderboard --store eval/results/store.jsonl --suite quick --out eval/leaderboard")
+                        epilog="Example: llmq leaderboard --store benchmarks/results/store.jsonl --suite quick --out benchmarks/leaderboard")
     lb.add_argument("--suite", default="quick", help="which suite's results to draw. Default: quick")
     lb.add_argument("--store", help="results store file (default: $LLMQ_RESULTS or ~/.cache/llmq/results.jsonl)")
     lb.add_argument("--out", default="leaderboard", help="output folder (leaderboard.md, leaderboard.html, *.png). Default: leaderboard")
@@ -99,11 +102,11 @@ def _parser() -> argparse.ArgumentParser:
                          description="Time one quantized layer's matmul per (K, N) shape and batch size M against dense "
                                      "matmuls: µs, TFLOP/s, GB/s, %% of the measured copy bandwidth, speedup vs bf16 "
                                      "(fp16 on GPU). Weights are cycled through distinct copies so they come from memory.",
-                         epilog="Example: llmq bench kernels --bits 4 --group-size 128 --m 1 16 128 --json eval/results/kernels.json")
+                         epilog="Example: llmq bench kernels --bits 4 --group-size 128 --m 1 16 128 --json benchmarks/results/kernels.json")
     bk.add_argument("--shape", nargs="+", metavar="KxN",
                     help="layer shapes in_features x out_features (default: SmolLM2's on CPU, 4096x4096 ... 8192x28672 on GPU)")
     bk.add_argument("--m", type=int, nargs="+", help="batch sizes (tokens) to sweep (default: 1 16 128 on CPU, 1 16 2048 on GPU)")
-    bk.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="weight bits. Default: 4")
+    bk.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS, help="weight bits. Default: 4")
     bk.add_argument("--group-size", type=int, default=128, help="group size; 0 = per channel. Default: 128")
     bk.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians). Default: 5")
     bk.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -112,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                          description="Greedy decoding with the KV cache from a random prompt, for the checkpoint and its base "
                                      "model in each dtype, timed round-robin. On CPU, llmq's packed kernels serve bf16 "
                                      "activations; fp32 runs the exact (slow) reference kernel.",
-                         epilog="Example: llmq bench generate out/w4g64-sym --json eval/results/generate-w4.json")
+                         epilog="Example: llmq bench generate out/w4g64-sym --json benchmarks/results/generate-w4.json")
     bg.add_argument("checkpoint", help="a checkpoint folder or alias")
     bg.add_argument("--base", help="the full-precision model to compare with (default: the recipe's model, when known)")
     bg.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"],
@@ -130,23 +133,55 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _validate(args) -> None:
+    from .pipeline import scheme_label, validate
+
+    recipe = validate(args.recipe, check_model=not args.no_model)
+    print(f"ok: {args.recipe} ({recipe.method.name}, {scheme_label(recipe)}, model {recipe.model})")
+
+
+def _run(args) -> None:
+    from .pipeline import run
+
+    result = run(args.recipe, overwrite=args.overwrite, output_dir=args.output, resume=args.resume)
+    if result is not None:  # None: a non-main process of a distributed run
+        print(f"done: {result.output_dir} (report.json, README.md, model.safetensors)")
+
+
+def _export_or_import(args) -> None:
+    from . import formats
+
+    if args.command == "export":
+        done = formats.export_checkpoint(args.checkpoint, args.output, args.format, args.gptq_version, args.overwrite)
+    else:
+        done = formats.import_checkpoint(args.checkpoint, args.output, args.overwrite)
+    print(f"done: {done.output_dir} ({done.layers} quantized layers, {done.format}; source: {done.source.label})")
+    for note in done.notes:
+        print(f"note: {note}")
+
+
 def _eval(args) -> None:
     from rich.console import Console
 
-    from . import suites
-    from .evaluate import evaluate_suite
-    from .leaderboard import results_table
-    from .pipeline import is_main_process
-    from .results import ResultsStore
+    from .evaluation import suite as suites
+    from .evaluation.store import ResultsStore
+    from .evaluation.suite_run import evaluate_suite
+    from .reporting.tables import results_table
 
     suite = suites.load(args.suite).with_limit(args.limit)
     if args.word_perplexity and not any(t.task == "llmq_wikitext" for t in suite.tasks):
         suite = suite.model_copy(update={"tasks": [*suite.tasks, suites.TaskSpec(task="llmq_wikitext", metric="word_perplexity")]})
-    console = Console(quiet=not is_main_process(), stderr=True)
     run = evaluate_suite(args.checkpoint, suite, ResultsStore(args.store), name=args.name, base=args.base,
-                         batch_size=args.batch_size, say=console.print)
+                         batch_size=args.batch_size)
     if run is not None:
         Console().print(results_table(run))
+
+
+def _leaderboard(args) -> None:
+    from .reporting.leaderboard import build
+
+    done = build(args.store, args.suite, args.out)
+    print(f"done: {', '.join(str(p) for p in done.files)} ({done.rows} rows)")
 
 
 def _bench(args) -> None:
@@ -154,7 +189,6 @@ def _bench(args) -> None:
 
     from . import bench
 
-    err = Console(stderr=True)
     if args.bench == "kernels":
         shapes = None
         if args.shape:
@@ -162,12 +196,11 @@ def _bench(args) -> None:
                 shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shape]
             except ValueError:
                 raise BadInputError(f"--shape {' '.join(args.shape)}: expected KxN, e.g. 4096x11008") from None
-        result = bench.bench_kernels(shapes, args.m, args.bits, args.group_size or None, args.device, args.rounds,
-                                     progress=err.print)
+        result = bench.bench_kernels(shapes, args.m, args.bits, args.group_size or None, args.device, args.rounds)
         table = bench.kernels_table(result)
     else:
         result = bench.bench_generate(args.checkpoint, args.base, tuple(args.dtype), args.prompt_tokens, args.new_tokens,
-                                      args.rounds, args.device, progress=err.print)
+                                      args.rounds, args.device)
         table = bench.generate_table(result)
     out = Console()
     if not out.is_terminal:
@@ -177,46 +210,35 @@ def _bench(args) -> None:
         print(f"wrote {bench.write_json(result, args.json)}")
 
 
+def _inspect(args) -> None:
+    from . import formats
+
+    found = formats.detect(args.checkpoint)
+    verdict = "llmq reads it" if found.kind in ("llmq", "full-precision") else (
+        "llmq imports it (llmq import)" if found.importable else f"llmq cannot import it: {found.problem}")
+    print(f"{args.checkpoint}: {found.label}; {verdict}")
+
+
+COMMANDS = {"validate": _validate, "run": _run, "export": _export_or_import, "import": _export_or_import, "eval": _eval,
+            "leaderboard": _leaderboard, "bench": _bench, "inspect": _inspect}
+
+
+def _show_messages(command: str) -> None:
+    """llmq's log messages on the terminal: `llmq run` beside its per-layer table on stdout, every other command on
+    stderr (its stdout is its result); only the main process of a distributed launch speaks."""
+    from rich.console import Console
+
+    from .environment import is_main_process
+    from .logs import show_on
+
+    show_on(Console(stderr=command != "run"), level=logging.INFO if is_main_process() else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "validate":
-            from .pipeline import scheme_label, validate
-
-            recipe = validate(args.recipe, check_model=not args.no_model)
-            print(f"ok: {args.recipe} ({recipe.method.name}, {scheme_label(recipe)}, model {recipe.model})")
-        elif args.command == "run":
-            from .pipeline import run
-
-            result = run(args.recipe, overwrite=args.overwrite, output_dir=args.output, resume=args.resume)
-            if result is not None:  # None: a non-main process of a distributed run
-                print(f"done: {result.output_dir} (report.json, README.md, model.safetensors)")
-        elif args.command in ("export", "import"):
-            from . import formats
-
-            if args.command == "export":
-                done = formats.export_checkpoint(args.checkpoint, args.output, args.format, args.gptq_version, args.overwrite)
-            else:
-                done = formats.import_checkpoint(args.checkpoint, args.output, args.overwrite)
-            print(f"done: {done.output_dir} ({done.layers} quantized layers, {done.format}; source: {done.source.label})")
-            for note in done.notes:
-                print(f"note: {note}")
-        elif args.command == "eval":
-            _eval(args)
-        elif args.command == "leaderboard":
-            from .leaderboard import build
-
-            done = build(args.store, args.suite, args.out)
-            print(f"done: {', '.join(str(p) for p in done.files)} ({done.rows} rows)")
-        elif args.command == "bench":
-            _bench(args)
-        elif args.command == "inspect":
-            from . import formats
-
-            found = formats.detect(args.checkpoint)
-            verdict = "llmq reads it" if found.kind in ("llmq", "full-precision") else (
-                "llmq imports it (llmq import)" if found.importable else f"llmq cannot import it: {found.problem}")
-            print(f"{args.checkpoint}: {found.label}; {verdict}")
+        _show_messages(args.command)
+        COMMANDS[args.command](args)
         return 0
     except BadInputError as e:
         print(f"llmq: error: {e}", file=sys.stderr)

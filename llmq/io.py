@@ -6,12 +6,16 @@ complete; a failure removes the temporary folder. An existing target is never re
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from .errors import BadInputError
 
@@ -23,6 +27,17 @@ def write_text_atomic(path: Path, text: str) -> Path:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def torch_save_atomic(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file and a rename: internal resume files (activations, training state)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def check_output_free(target: Path, overwrite: bool) -> None:

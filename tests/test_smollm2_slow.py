@@ -54,7 +54,7 @@ def test_smollm2_exports_load_in_transformers_and_import_back_exactly(tmp_path):
     """W4g64 asymmetric RTN on SmolLM2: GPTQ and compressed-tensors exports import back to byte-identical llmq
     tensors, and the GPTQ export loads in plain transformers (optimum + gptqmodel). GPTQModel's CPU kernel here runs
     bf16 activations through 30 blocks, so its logits must match llmq's within 2^-7 of the largest logit (bf16
-    rounding; measured 3.6e-3 on GPTQ W4g64, eval/results/interop_smollm2.md), not the fp16 bound of the tiny tests."""
+    rounding; measured 3.6e-3 on GPTQ W4g64, benchmarks/results/interop_smollm2.md), not the fp16 bound of the tiny tests."""
     import json
     import subprocess
     import sys

@@ -18,9 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import INDEX, CheckpointReader
+from ..checkpoint.config import LlmqConfig
+from ..checkpoint.safetensors_io import CheckpointReader, files_stamp
+from ..environment import cache_dir, dtype_of_config
 from ..errors import BadInputError
+from ..model.structure import decoder_blocks, skeleton
 from ..numerics import Scheme
+from ..reporting.cards import export_card, import_card
 from . import compressed_tensors, gptq
 from .convert import convert, linear_shapes, quantized_layers, unquantized_linears
 from .detect import Detected, ct_weight_args, detect, read_config, unsupported_message
@@ -40,34 +44,20 @@ class ConversionResult:
     notes: tuple[str, ...] = ()
 
 
-def _dtype(config: dict) -> torch.dtype:
-    """The dtype a checkpoint's config.json says its model is built in (what llmq's loader gives the scales)."""
-    from ..pipeline import DTYPES
-
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
-
-
 def _llmq_source(src: Path) -> tuple[Detected, LlmqCodec, torch.dtype]:
     found = detect(src)
     if found.kind != "llmq":
         raise BadInputError(f"{src} is {found.label}, not an llmq checkpoint; `llmq export` reads llmq checkpoints "
                             "(`llmq import` brings GPTQ and compressed-tensors checkpoints into llmq first)")
-    from ..hf import LlmqConfig
-
     cfg = LlmqConfig(**{k: v for k, v in found.quantization_config.items() if k != "quant_method"})
     if cfg.scheme.format != "int":
         raise BadInputError(f"{src} holds {cfg.scheme.format} codes, not an integer grid: GPTQ and compressed-tensors "
                             "store (q - z) * s only")
-    return found, LlmqCodec(cfg.scheme, has_g_idx=cfg.g_idx), _dtype(read_config(src))
+    return found, LlmqCodec(cfg.scheme, has_g_idx=cfg.g_idx), dtype_of_config(read_config(src))
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_version: int = 1, overwrite: bool = False) -> ConversionResult:
     """Write the llmq checkpoint `src` as a GPTQ (v1 or v2) or compressed-tensors pack-quantized checkpoint."""
-    from ..calibration import decoder_blocks
-    from ..models import skeleton
-    from ..report import export_card
-
     src, dst = Path(src), Path(dst)
     if format not in EXPORT_FORMATS:
         raise BadInputError(f"export format {format!r} is not supported (expected one of {', '.join(EXPORT_FORMATS)})")
@@ -100,15 +90,12 @@ def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_versio
 
 def import_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False) -> ConversionResult:
     """Write the GPTQ or compressed-tensors checkpoint `src` as an llmq checkpoint (QuantLinear layers)."""
-    from ..models import skeleton
-    from ..report import import_card
-
     src, dst = Path(src), Path(dst)
     found = detect(src)
     if not found.importable:
         raise BadInputError(unsupported_message(src, found, "imports"))
     qc = found.quantization_config
-    dtype = _dtype(read_config(src))
+    dtype = dtype_of_config(read_config(src))
     shapes = linear_shapes(skeleton(src))
     if found.kind == "gptq":
         decoder = gptq.GptqCodec(gptq.scheme_of(qc), gptq.version_of(qc))
@@ -142,11 +129,8 @@ def _any_real_g_idx(src: Path, scheme: Scheme, shapes: dict) -> bool:
 
 def imported_copy(src: str | Path) -> Path:
     """A cached llmq copy of the foreign checkpoint `src` (made once, keyed by its path and files' sizes and times)."""
-    from ..models import cache_dir
-
     src = Path(src).resolve()
-    stamp = [str(src)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(src.iterdir())
-                          if f.suffix == ".safetensors" or f.name in ("config.json", INDEX)]
+    stamp = [str(src), *files_stamp(src)]
     target = cache_dir() / "imported" / f"{src.name}-{hashlib.sha256(chr(10).join(stamp).encode()).hexdigest()[:12]}"
     if not (target / "config.json").is_file():
         import_checkpoint(src, target, overwrite=target.exists())

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ..environment import default_device
 from ..errors import BadInputError, LlmqError
+from ..model.structure import skeleton
 from ..numerics import QWeight, Scheme
 
 
@@ -27,10 +29,6 @@ def require() -> None:
     """Refuse early (before any heavy work) when bitsandbytes is missing."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise BadInputError("scheme.format nf4 / fp4 / int8 saves through bitsandbytes: pip install 'llmq[bnb]' (or bitsandbytes)")
-
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def config(scheme: Scheme, compute_dtype: torch.dtype, skip: list[str]):
@@ -47,9 +45,7 @@ def config(scheme: Scheme, compute_dtype: torch.dtype, skip: list[str]):
 
 def skipped_linears(base_dir: Path, targeted: list[str]) -> list[str]:
     """Full names of the model's Linear layers that are not targeted (bitsandbytes leaves those in full precision)."""
-    from .. import models
-
-    model = models.skeleton(base_dir)
+    model = skeleton(base_dir)
     chosen = set(targeted)
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in chosen]
 
@@ -60,7 +56,7 @@ def quantize_with_bitsandbytes(base_dir: Path, scheme: Scheme, dtype: torch.dtyp
 
     require()
     cfg = config(scheme, dtype, skipped_linears(base_dir, targeted))
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=cfg, device_map=device(), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=cfg, device_map=default_device().type, dtype=dtype)
     return model.eval()
 
 

@@ -22,9 +22,9 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import INDEX, CheckpointReader, save_safetensors_atomic, write_index, write_json_atomic
+from ..checkpoint.safetensors_io import INDEX, CheckpointReader, save_safetensors_atomic, write_index
 from ..errors import LlmqError
-from ..io import atomic_dir
+from ..io import atomic_dir, write_json_atomic
 from ..numerics import QWeight
 from .detect import read_config
 
@@ -53,7 +53,7 @@ class Codec(Protocol):
 
 
 def linear_shapes(model: torch.nn.Module) -> dict[str, LayerShape]:
-    """Every nn.Linear of `model` (a meta-device skeleton: see models.skeleton) by full name."""
+    """Every nn.Linear of `model` (a meta-device skeleton: see model.structure.skeleton) by full name."""
     return {n: LayerShape(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 

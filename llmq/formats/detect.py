@@ -11,10 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..describe import scheme_words
 from ..errors import BadInputError
+from ..numerics import SUPPORTED_BITS
 
+_BITS = "/".join(map(str, SUPPORTED_BITS))
 # What llmq reads, as the message to users says it.
-IMPORTABLE = "GPTQ checkpoints (v1 and v2 zero points, 2/3/4/8-bit) and compressed-tensors pack-quantized int checkpoints (2/3/4/8-bit)"
+IMPORTABLE = (f"GPTQ checkpoints (v1 and v2 zero points, {_BITS}-bit) and compressed-tensors pack-quantized int "
+              f"checkpoints ({_BITS}-bit)")
 
 
 @dataclass(frozen=True)
@@ -56,20 +60,15 @@ def detect(folder: str | Path) -> Detected:
     return Detected(method or "unknown", f"a {method or 'unknown'}-quantized checkpoint", problem=f"quant_method {method!r} is not a format llmq reads", quantization_config=qc)
 
 
-def scheme_words(bits, group_size, sym) -> str:
-    """'4-bit, group 64, asymmetric': a scheme in words, for messages and model cards."""
-    group = "per-channel" if group_size in (None, -1) else f"group {group_size}"
-    return f"{bits}-bit, {group}, {'symmetric' if sym else 'asymmetric'}"
-
-
 def _gptq(qc: dict[str, Any]) -> Detected:
     fmt = str(qc.get("checkpoint_format", qc.get("format", "gptq"))).lower()
     version = {"gptq": "v1", "gptq_v2": "v2"}.get(fmt)
     label = f"a GPTQ {version or fmt} checkpoint ({scheme_words(qc.get('bits'), qc.get('group_size'), qc.get('sym', True))})"
     if version is None:
         return Detected("gptq", label, problem=f"GPTQ checkpoint_format {fmt!r} (llmq reads 'gptq' and 'gptq_v2')", quantization_config=qc)
-    if qc.get("bits") not in (2, 3, 4, 8):
-        return Detected("gptq", label, problem=f"{qc.get('bits')}-bit GPTQ (llmq reads 2, 3, 4 and 8 bits)", quantization_config=qc)
+    if qc.get("bits") not in SUPPORTED_BITS:
+        return Detected("gptq", label, problem=f"{qc.get('bits')}-bit GPTQ (llmq reads {_bits_words()} bits)",
+                        quantization_config=qc)
     return Detected("gptq", label, importable=True, quantization_config=qc)
 
 
@@ -89,8 +88,8 @@ def ct_weight_args(qc: dict[str, Any]) -> tuple[dict[str, Any] | None, str | Non
     if any(s != schemes[0] for s in schemes[1:]):
         return None, "several different weight schemes in one checkpoint (llmq checkpoints have one scheme)"
     w = schemes[0]
-    if w.get("type", "int") != "int" or w.get("num_bits") not in (2, 3, 4, 8):
-        return None, f"weights {w.get('type', 'int')} {w.get('num_bits')}-bit (llmq reads int 2, 3, 4 and 8 bits)"
+    if w.get("type", "int") != "int" or w.get("num_bits") not in SUPPORTED_BITS:
+        return None, f"weights {w.get('type', 'int')} {w.get('num_bits')}-bit (llmq reads int {_bits_words()} bits)"
     if w.get("strategy") not in ("group", "channel"):
         return None, f"weight strategy {w.get('strategy')!r} (llmq reads 'group' and 'channel')"
     if w.get("actorder") in ("group", "dynamic"):
@@ -108,6 +107,11 @@ def _compressed_tensors(qc: dict[str, Any]) -> Detected:
     if qc.get("quantization_status") not in (None, "compressed"):
         return Detected("compressed-tensors", label, problem=f"quantization_status {qc.get('quantization_status')!r} (llmq reads compressed checkpoints)", quantization_config=qc)
     return Detected("compressed-tensors", label, importable=True, quantization_config=qc)
+
+
+def _bits_words() -> str:
+    """'2, 3, 4 and 8'."""
+    return ", ".join(map(str, SUPPORTED_BITS[:-1])) + f" and {SUPPORTED_BITS[-1]}"
 
 
 def unsupported_message(folder: str | Path, found: Detected, action: str) -> str:

@@ -21,6 +21,7 @@ import torch
 from .. import numerics
 from ..errors import BadInputError, LlmqError
 from ..numerics import QWeight, Scheme
+from ..version import __version__
 from .convert import LayerShape
 from .native import check_codes, is_trivial_g_idx, unpack_gptq_layout
 
@@ -82,8 +83,6 @@ def version_of(qc: dict) -> int:
 
 def export_config(scheme: Scheme, version: int, has_g_idx: bool, block_prefix: str, per_block: list[list[str]], all_in_blocks: list[str]) -> dict:
     """The `quantization_config` transformers' GPTQConfig (and vLLM) read, from an llmq checkpoint's facts."""
-    from .. import __version__
-
     config = {
         "quant_method": "gptq",
         "bits": scheme.bits,

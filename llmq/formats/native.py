@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import numerics
+from ..checkpoint.config import LlmqConfig
 from ..errors import LlmqError
 from ..numerics import QWeight, Scheme
 from .convert import LayerShape
@@ -72,10 +73,4 @@ def check_codes(qw: QWeight, scheme: Scheme, name: str) -> None:
 
 def imported_config(scheme: Scheme, ignore: list[str], has_g_idx: bool) -> dict:
     """quantization_config of an imported checkpoint: every Linear but the unquantized ones, named exactly."""
-    from .. import __version__
-    from ..hf import LlmqConfig
-
-    return LlmqConfig(
-        bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric, format="int", targets=[".*"],
-        ignore=[re.escape(n) for n in ignore], g_idx=has_g_idx, llmq_version=__version__,
-    ).to_dict()
+    return LlmqConfig.from_scheme(scheme, targets=[".*"], ignore=[re.escape(n) for n in ignore], g_idx=has_g_idx).to_dict()

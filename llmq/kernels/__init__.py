@@ -68,12 +68,11 @@ def select(scheme: Scheme, device: torch.device | str, name: str | None = None) 
 
 
 def use(model: torch.nn.Module, name: str) -> int:
-    """Make every QuantLinear of `model` run kernel `name` ('auto' = the default choice); returns how many."""
-    from ..modules import QuantLinear
-
+    """Make every quantized layer of `model` (a QuantLinear: any module with `choose_kernel`) run kernel `name`
+    ('auto' = the default choice); returns how many."""
     if name != "auto":
         by_name(name)  # an unknown name fails here, before any layer changed
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    layers = [m for m in model.modules() if callable(getattr(m, "choose_kernel", None))]
     for layer in layers:
         layer.choose_kernel(layer.qweight.device, name)
     return len(layers)

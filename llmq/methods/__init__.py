@@ -3,15 +3,16 @@
 PTQ methods quantize the targeted Linear layers of one decoder block at a time:
 `quantize_block(block, names, job) -> {name: QWeight}` with names relative to the block and a `BlockJob`
 holding the scheme, the recipe's method section and, when `needs_calibration`, the calibration activations
-entering the block. The block walk (blockwise.py) feeds blocks one at a time, from memory or from disk; turning
-QWeights into runtime modules is `modules.replace_linears`' job. QAT (qat.py) trains the whole model at once
-and starts from one of the block methods' results; it has no `quantize_block`.
+entering the block. The block walk (quantization/blockwise.py) feeds blocks one at a time, from memory or from
+disk; turning QWeights into runtime modules is `checkpoint.quant_linear.replace_linears`' job. QAT (qat/: its
+fake-quant layers and training loop; quantization/qat.py runs it) trains the whole model at once and starts from
+one of the block methods' results; it has no `quantize_block`.
 """
 
 from collections.abc import Callable
 from typing import NamedTuple
 
-from ..recipe import MethodConfig
+from ..recipe import METHOD_NAMES, MethodConfig
 from .gptq import gptq_block
 from .job import BlockJob
 from .rtn import rtn_block
@@ -27,6 +28,7 @@ METHODS = {
     "gptq": Method(gptq_block, needs_calibration=True),
     "qat": Method(None, needs_calibration=False),
 }
+assert tuple(METHODS) == METHOD_NAMES, "every method name a recipe accepts has exactly one implementation"
 
 
 def needs_calibration(method: MethodConfig) -> bool:

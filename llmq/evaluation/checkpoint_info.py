@@ -1,0 +1,50 @@
+"""What a leaderboard row and a results-store record say about a checkpoint: name, kind, method, scheme, weight bits,
+size on disk, base model — read from its config.json (and recipe.yaml for llmq checkpoints), no weights loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .. import formats
+from ..checkpoint.safetensors_io import weights_bytes
+from ..describe import scheme_words
+from ..environment import DTYPES, dtype_name_of_config
+
+
+def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: str | None = None) -> dict[str, Any]:
+    """What a leaderboard row says about a checkpoint: name, kind, method, scheme, weight bits, size on disk, base."""
+    found = formats.detect(folder)
+    qc = found.quantization_config
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    dtype = dtype_name_of_config(config)
+    local = Path(spec).expanduser().exists()
+    info: dict[str, Any] = {"name": name or (folder.name if local else spec), "kind": found.kind,
+                            "label": found.label, "base": base}
+    if found.kind == "full-precision":
+        info.update(method="base", scheme=dtype, bits=8 * DTYPES.get(dtype, torch.float32).itemsize)
+    elif found.kind == "llmq":
+        recipe_file = folder / "recipe.yaml"
+        method = "llmq"
+        if recipe_file.is_file():
+            recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+            method = str((recipe.get("method") or {}).get("name", method))
+            info["base"] = base or recipe.get("model")
+        info.update(method=method, bits=qc.get("bits"),
+                    scheme=scheme_words(qc.get("bits"), qc.get("group_size"), qc.get("sym"), short=True))
+    elif found.kind == "bitsandbytes":
+        fmt = qc.get("bnb_4bit_quant_type", "nf4") if qc.get("load_in_4bit") else "int8"
+        info.update(method="bitsandbytes", scheme=scheme_words(None, None, None, format=fmt, short=True),
+                    bits=4 if qc.get("load_in_4bit") else 8)
+    elif found.kind == "compressed-tensors":
+        weights, _ = formats.ct_weight_args(qc)
+        info.update(method=found.kind, scheme=found.label, bits=(weights or {}).get("num_bits"))
+    else:
+        info.update(method=found.kind, scheme=found.label, bits=qc.get("bits"))
+    info["size_bytes"] = weights_bytes(folder)
+    return info
+

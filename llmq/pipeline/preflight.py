@@ -1,0 +1,75 @@
+"""Everything `llmq run` checks before heavy work, also run alone by `llmq validate`: the recipe, its data specs,
+its suite and thresholds, and its fit to the model's layers on a meta-device skeleton (no weights read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import data, formats
+from ..describe import scheme_words
+from ..errors import BadInputError
+from ..evaluation import suite as suites
+from ..formats import bitsandbytes as bnb_format
+from ..methods import needs_calibration
+from ..model.resolve import resolve
+from ..model.structure import skeleton, targeted_linears
+from ..recipe import BNB_FORMATS, Recipe, check_against_layers
+
+
+def as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe.from_yaml(recipe)
+
+
+def check_model_shapes(recipe: Recipe, folder: Path) -> dict[str, int]:
+    """Build the model on the meta device (no weights read) and check the recipe against its Linear layers."""
+    found = formats.detect(folder)
+    if found.kind != "full-precision":
+        raise BadInputError(
+            f"model {recipe.model!r} is {found.label}: llmq quantizes full-precision checkpoints"
+            + (" (`llmq import` turns it into an llmq checkpoint to evaluate or serve)" if found.importable else "")
+        )
+    layers = {n: m.in_features for n, m in targeted_linears(skeleton(folder), recipe.targets, recipe.ignore).items()}
+    check_against_layers(recipe, layers)
+    return layers
+
+
+def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Recipe:
+    """Everything `run` checks before heavy work: the recipe, its evaluation data spec and (optionally) its fit to
+    the model's layers (on a meta-device skeleton: no weights are read)."""
+    recipe = as_recipe(recipe)
+    if recipe.scheme.format in BNB_FORMATS:
+        bnb_format.require()
+    if recipe.eval is not None:
+        data.load_text(recipe.eval.data)  # a wrong data spec fails here, not after quantizing
+        eval_suite(recipe)  # a wrong suite, task name or threshold key too
+    if needs_calibration(recipe.method):
+        data.load_text(recipe.calibration.data)
+    if recipe.training is not None:
+        data.load_text(recipe.training.data)
+    if check_model:
+        check_model_shapes(recipe, resolve(recipe.model))
+    return recipe
+
+
+def eval_suite(recipe: Recipe) -> suites.Suite | None:
+    """The recipe's eval suite (limit applied), checked against its thresholds; None when it names none."""
+    ev = recipe.eval
+    if ev is None or ev.suite is None:
+        return None
+    suite = suites.load(ev.suite).with_limit(ev.limit)
+    for task in ev.thresholds.min_recovery if ev.thresholds else {}:
+        if task not in {t.label for t in suite.tasks}:
+            raise BadInputError(f"eval.thresholds.min_recovery.{task}: suite {suite.name!r} has no task {task!r} "
+                                f"(its tasks: {', '.join(t.label for t in suite.tasks)})")
+    return suite
+
+
+def scheme_label(recipe: Recipe) -> str:
+    """The recipe's scheme in words, with its clipping for the integer grid: what `llmq run` and `validate` print."""
+    s = recipe.scheme
+    words = scheme_words(s.bits, s.group_size, s.symmetric, s.format)
+    return words if s.format in BNB_FORMATS else f"{words}, clip={recipe.method.clip}"

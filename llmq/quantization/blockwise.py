@@ -1,0 +1,295 @@
+"""Quantize a model one decoder block at a time, from memory or straight from its safetensors files on disk.
+
+`quantize_checkpoint` is what `llmq run` uses: the model is built on the meta device, and only the current
+block (and the calibration activations flowing through it) is ever materialized, read lazily from the base
+checkpoint's safetensors files — so the largest model llmq can quantize is bounded by disk, not by RAM or VRAM.
+Each finished block is written as its own safetensors shard, with the activations it produced and a small
+progress file, so a killed run resumes at the next block and ends with the same bytes as an uninterrupted
+one. `quantize_model` runs the same walk over a model already in memory (the Python API).
+
+Methods (methods/) decide what each block's Linear layers become; calibration/capture.py captures and feeds the
+activations; resume.py says whether a partial folder belongs to this run; this file only walks, loads and writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import memory, numerics
+from ..calibration import capture_inputs, linear_clusters
+from ..checkpoint.config import LlmqConfig
+from ..checkpoint.safetensors_io import CheckpointReader, write_index
+from ..checkpoint.safetensors_io import save_safetensors_atomic as _save_atomic
+from ..environment import default_device
+from ..errors import LlmqError
+from ..io import torch_save_atomic
+from ..io import write_json_atomic as _write_json_atomic
+from ..methods import METHODS, BlockJob
+from ..methods.rtn import rtn_block
+from ..model.structure import decoder_blocks, targeted_linears
+from ..numerics import QWeight, Scheme
+from ..recipe import Recipe, check_against_layers
+from .resume import ACTIVATIONS, PROGRESS, blocks_done, run_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeSummary:
+    layers: list[str]  # full names of the quantized Linear layers
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per layer: block, layer, method, loss, damp, seconds
+    has_g_idx: bool = False
+    resumed_at_block: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Plan:
+    prefix: str  # qualified name of the decoder block list, e.g. "model.layers"
+    blocks: nn.ModuleList
+    per_block: list[list[str]]  # targeted Linear names inside each block, relative to the block
+    outside: list[str]  # targeted Linear layers outside the blocks (quantized with RTN: no activations reach them)
+    has_g_idx: bool
+
+
+def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
+    if METHODS[recipe.method.name].quantize_block is None:
+        raise LlmqError(f"method {recipe.method.name} trains the whole model; it has no block-by-block walk")
+    layers = targeted_linears(model, recipe.targets, recipe.ignore)
+    check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
+    prefix, blocks = decoder_blocks(model)
+    per_block = [[n.removeprefix(f"{prefix}.{i}.") for n in layers if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
+    outside = [n for n in layers if not n.startswith(f"{prefix}.")]
+    m = recipe.method
+    has_g_idx = m.name == "gptq" and m.act_order and not m.static_groups and recipe.scheme.group_size is not None
+    return _Plan(prefix, blocks, per_block, outside, has_g_idx)
+
+
+def _batches(calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return list(torch.split(calibration, batch_size))
+
+
+def _job(recipe: Recipe, scale_dtype: torch.dtype, inputs, clusters, rows: list, block: str, log) -> BlockJob:
+    def record(row: dict[str, Any]) -> None:
+        row = {"block": block, **row}
+        rows.append(row)
+        log(row)
+
+    return BlockJob(recipe.scheme.to_scheme(), recipe.method, scale_dtype, inputs, clusters, record)
+
+
+def _with_default_g_idx(qweights: dict[str, QWeight], scheme: Scheme) -> dict[str, QWeight]:
+    """When the checkpoint stores g_idx, every layer needs one; layers quantized without act order get the trivial one."""
+    return {
+        n: qw if qw.g_idx is not None else qw._replace(g_idx=numerics.default_g_idx(qw.q.shape[1], scheme, qw.q.device))
+        for n, qw in qweights.items()
+    }
+
+
+# ------------------------------------------------------------------------------------------- in memory
+
+
+def quantize_model(
+    model: nn.Module, recipe: Recipe, scale_dtype: torch.dtype, calibration: torch.Tensor | None = None, log=lambda row: None
+) -> tuple[dict[str, QWeight], QuantizeSummary]:
+    """Walk a model already in memory block by block; returns {full layer name: QWeight}. Calibrating methods
+    leave the dequantized weights in the model's Linear layers (the caller swaps them for QuantLinear)."""
+    t0 = time.perf_counter()
+    plan, method = _plan(model, recipe), METHODS[recipe.method.name]
+    summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx)
+    inputs = clusters = None
+    if method.needs_calibration:
+        if calibration is None:
+            raise LlmqError(f"method {recipe.method.name} needs calibration token windows")
+        device = next(model.parameters()).device
+        inputs = capture_inputs(model, plan.blocks[0], _batches(calibration, recipe.calibration.batch_size), device)
+        clusters = linear_clusters(plan.blocks[0], inputs)
+    qweights: dict[str, QWeight] = {}
+    for i, block in enumerate(tqdm(plan.blocks, desc=f"{recipe.method.name} blocks", unit="block", leave=False)):
+        job = _job(recipe, scale_dtype, inputs, clusters, summary.rows, str(i), log)
+        for name, qw in method.quantize_block(block, plan.per_block[i], job).items():
+            qweights[f"{plan.prefix}.{i}.{name}"] = qw
+        if inputs is not None and i + 1 < len(plan.blocks):
+            inputs.advance(block)
+    if plan.outside:
+        qweights.update(rtn_block(model, plan.outside, _job(recipe, scale_dtype, None, None, summary.rows, "-", log)))
+    if plan.has_g_idx:
+        qweights = _with_default_g_idx(qweights, recipe.scheme.to_scheme())
+    summary.layers = list(qweights)
+    summary.seconds = time.perf_counter() - t0
+    return qweights, summary
+
+
+# ------------------------------------------------------------------------------------------------ on disk
+
+
+def _unique_state_keys(module: nn.Module, skip_prefix: str | None = None) -> list[str]:
+    """state_dict keys of `module`, tied tensors once (the first name, as save_pretrained keeps it)."""
+    seen, keys = set(), []
+    for k, t in module.state_dict(keep_vars=True).items():
+        if skip_prefix is not None and k.startswith(skip_prefix):
+            continue
+        if id(t) not in seen:
+            seen.add(id(t))
+            keys.append(k)
+    return keys
+
+
+def _shard_tensors(
+    module: nn.Module, prefix: str, keys: list[str], qweights: dict[str, QWeight], scheme: Scheme, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """What one shard holds: packed tensors for the quantized layers, everything else with floating parameters
+    cast to `dtype` (buffers keep theirs), as save_pretrained would write them."""
+    params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    tensors = {}
+    state = module.state_dict()
+    for k in keys:
+        layer, _, leaf = k.rpartition(".")
+        if layer in qweights and leaf == "weight":
+            continue
+        t = state[k]
+        tensors[prefix + k] = (t.to(dtype) if k in params and t.is_floating_point() else t).detach().cpu().contiguous()
+    for layer, qw in qweights.items():
+        for leaf, t in numerics.pack_qweight(qw, scheme, dtype).items():
+            tensors[f"{prefix}{layer}.{leaf}"] = t.cpu().contiguous()
+    return tensors
+
+
+def _finish_block(work: Path, shard: str, tensors: dict, activations: list | None, progress: dict) -> None:
+    """Make a finished block durable: its shard, the activations the next block starts from, then the progress
+    record that points at both (a crash between the steps only means redoing this block). Activations are an
+    internal resume file written with torch.save, which streams tensor storage to disk without the full in-memory
+    copy safetensors' writer makes (75 MB per block on SmolLM2)."""
+    _save_atomic(tensors, work / shard)
+    if activations is not None:
+        torch_save_atomic(activations, work / ACTIVATIONS)
+    _write_json_atomic(progress, work / PROGRESS)
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def quantize_checkpoint(
+    recipe: Recipe,
+    base_dir: Path,
+    work: Path,
+    scale_dtype: torch.dtype,
+    calibration: torch.Tensor | None = None,
+    log: Callable[[dict[str, Any]], None] = lambda row: None,
+    device: str | torch.device | None = None,
+) -> QuantizeSummary:
+    """Quantize the checkpoint in `base_dir` block by block into the folder `work` (shards + index + config.json).
+
+    `work` may hold an interrupted run of the same recipe: finished blocks are kept and the walk resumes at the
+    next one from the saved activations. Anything else found there is an error, never silently reused.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    memory.trim()
+    device = torch.device(device or default_device())
+    config = AutoConfig.from_pretrained(base_dir)
+    with init_empty_weights():  # parameters on meta; computed buffers (rotary inv_freq) stay real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.tie_weights()  # init_empty_weights leaves tied embeddings as two meta tensors
+    plan, method, scheme = _plan(model, recipe), METHODS[recipe.method.name], recipe.scheme.to_scheme()
+    reader = CheckpointReader(base_dir)
+    n_blocks = len(plan.blocks)
+    n_shards = n_blocks + 1
+    key = run_key(recipe, base_dir, calibration)
+
+    done = blocks_done(work, key)
+    if done:
+        logger.info(f"resuming at block {done} of {n_blocks} from {work}")
+
+    # the modules outside the blocks: embeddings first (to capture the first block's inputs), written as the last shard
+    rest_keys = _unique_state_keys(model, skip_prefix=f"{plan.prefix}.")
+    reader.materialize(model, "", rest_keys, device)
+    inputs = clusters = None
+    if method.needs_calibration:
+        if calibration is None:
+            raise LlmqError(f"method {recipe.method.name} needs calibration token windows")
+        inputs = capture_inputs(model, plan.blocks[0], _batches(calibration, recipe.calibration.batch_size), device)
+        if done > 0:
+            saved = torch.load(work / ACTIVATIONS, map_location=device, weights_only=True)
+            if len(saved) != len(inputs.hidden) or any(a.shape != b.shape for a, b in zip(saved, inputs.hidden)):
+                raise LlmqError(f"{work / ACTIVATIONS}: saved activations do not match this run's calibration batches")
+            inputs = inputs.with_hidden(saved)
+    summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, resumed_at_block=done)
+    outside_q = {}
+    if plan.outside:
+        outside_q = rtn_block(model, plan.outside, _job(recipe, scale_dtype, None, None, summary.rows, "-", log))
+        if plan.has_g_idx:
+            outside_q = _with_default_g_idx(outside_q, scheme)
+        summary.layers += list(outside_q)
+    rest = _shard_tensors(model, "", rest_keys, outside_q, scheme, scale_dtype)
+    _save_atomic(rest, work / shard_name(n_blocks, n_shards))
+    weight_map = dict.fromkeys(rest, shard_name(n_blocks, n_shards))
+    del rest
+    model.to("meta")  # embeddings are not needed again
+    memory.trim()
+
+    for i in range(done):  # finished by an earlier, interrupted run
+        with safe_open(work / shard_name(i, n_shards), framework="pt") as fh:
+            weight_map.update(dict.fromkeys(fh.keys(), shard_name(i, n_shards)))
+        summary.layers += [f"{plan.prefix}.{i}.{n}" for n in plan.per_block[i]]
+    # finished blocks are written by one background thread (shard, then activations, then progress, in that order)
+    # while the next block computes; leaving the `with` waits for the last write, also on Ctrl-C
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        blocks = range(done, n_blocks)
+        for i in tqdm(blocks, desc=f"{recipe.method.name} blocks", unit="block", initial=done, total=n_blocks):
+            block, prefix = plan.blocks[i], f"{plan.prefix}.{i}."
+            block_keys = _unique_state_keys(block)
+            reader.materialize(block, prefix, block_keys, device)
+            if clusters is None and inputs is not None:
+                clusters = linear_clusters(block, inputs)
+            job = _job(recipe, scale_dtype, inputs, clusters, summary.rows, str(i), log)
+            qweights = method.quantize_block(block, plan.per_block[i], job)
+            if plan.has_g_idx:
+                qweights = _with_default_g_idx(qweights, scheme)
+            tensors = _shard_tensors(block, prefix, block_keys, qweights, scheme, scale_dtype)
+            weight_map.update(dict.fromkeys(tensors, shard_name(i, n_shards)))
+            summary.layers += [prefix + n for n in qweights]
+            if pending is not None:
+                pending.result()  # the previous write holds the activations about to be overwritten
+            activations = None
+            if inputs is not None and i + 1 < n_blocks:
+                inputs.advance(block)
+                activations = [h.cpu() for h in inputs.hidden]
+            block.to("meta")
+            progress = {"run": key, "blocks_done": i + 1, "n_blocks": n_blocks}
+            pending = writer.submit(_finish_block, work, shard_name(i, n_shards), tensors, activations, progress)
+            memory.trim()
+        if pending is not None:
+            pending.result()
+
+    _write_metadata(work, base_dir, config, recipe, weight_map, scale_dtype, plan.has_g_idx)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _write_metadata(work: Path, base_dir: Path, config, recipe: Recipe, weight_map: dict, dtype, has_g_idx: bool) -> None:
+    """The last step: index, config.json with the llmq quantization_config, generation config; resume files go."""
+    write_index(work, weight_map)
+    config.quantization_config = LlmqConfig.from_scheme(recipe.scheme.to_scheme(), recipe.targets, recipe.ignore, has_g_idx)
+    config.dtype = dtype
+    config.save_pretrained(work)
+    if (Path(base_dir) / "generation_config.json").is_file():
+        (work / "generation_config.json").write_bytes((Path(base_dir) / "generation_config.json").read_bytes())
+    for f in (ACTIVATIONS, PROGRESS):
+        (work / f).unlink(missing_ok=True)
+

@@ -1,0 +1,46 @@
+"""Whether a partial output folder belongs to this run, so a killed run resumes and a different one never does.
+
+A resumable run (the block walk's progress file, QAT's training state) records a key. It covers everything that
+decides the result: the recipe (content hash), the base model folder and its files (names, sizes, modification
+times: a re-downloaded or edited base restarts), and the token windows the run calibrates or trains on (an
+edited calibration file restarts). A partial folder with another key is refused with a message, never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.safetensors_io import files_stamp
+from ..errors import LlmqError
+from ..recipe import Recipe
+
+PROGRESS = "llmq-progress.json"
+ACTIVATIONS = "llmq-activations.pt"
+
+
+def run_key(recipe: Recipe, base_dir: Path, *windows: torch.Tensor | None) -> str:
+    """What a resumable partial run must match: the recipe, the base model's folder and files, the token windows."""
+    digest = hashlib.sha256("\n".join(files_stamp(base_dir)).encode())
+    for w in windows:
+        if w is not None:
+            digest.update(repr(tuple(w.shape)).encode() + w.detach().cpu().contiguous().numpy().tobytes())
+    return f"{recipe.hash()}:{Path(base_dir).resolve()}:{digest.hexdigest()[:16]}"
+
+
+def blocks_done(work: Path, key: str) -> int:
+    """How many blocks an interrupted run of this same job finished in `work` (0 for a fresh folder)."""
+    work.mkdir(parents=True, exist_ok=True)
+    progress_path = work / PROGRESS
+    if progress_path.is_file():
+        progress = json.loads(progress_path.read_text())
+        if progress.get("run") != key:
+            raise LlmqError(f"{work} holds an interrupted run of a different recipe, model or calibration data; "
+                            "remove it to start over")
+        return int(progress["blocks_done"])
+    if any(work.iterdir()):
+        raise LlmqError(f"{work} is not empty and holds no llmq progress file; remove it to start over")
+    return 0

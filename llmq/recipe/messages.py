@@ -1,0 +1,33 @@
+"""pydantic's validation errors as the one line a recipe's author reads: the key path and what was expected."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ValidationError
+
+
+def first_error(e: ValidationError, root: type[BaseModel]) -> str:
+    """The first problem of `e` as 'path: what is wrong (got value)'; `root` is the model that was validated."""
+    err = e.errors()[0]
+    path = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    path = path or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key (expected one of {', '.join(_keys_at(root, err['loc'][:-1]))})"
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = repr(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
+    more = f" ({len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
+    return f"{path}: {msg} (got {shown}){more}"
+
+
+def _keys_at(root: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys `root` accepts at a nested location, for 'unknown key' messages."""
+    model = root
+    for part in loc:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return list(model.model_fields)

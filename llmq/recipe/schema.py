@@ -1,0 +1,361 @@
+"""Recipes: the one YAML file that says what llmq should do, validated before any heavy work starts.
+
+A recipe names a model, a method (rtn, gptq, qat), a scheme (bits, grouping, symmetry), which Linear layers to
+target or ignore, calibration data, QAT's training run, evaluation and output.
+Validation is strict (unknown keys are errors, so typos never silently fall back to defaults) and every
+problem is reported as one line naming the key path and what was expected. Checks that need the model's
+shapes (does the group size divide every targeted layer?) live in `check_against_layers`, called once the
+model's config is known and still before any weights are touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import BadInputError
+from ..numerics import SUPPORTED_BITS, Scheme
+from .messages import first_error
+from .presets import BNB_FORMATS, GPTQ_KEYS, METHOD_NAMES, PRESETS, QAT_KEYS
+from .targets import is_targeted
+
+
+class Strict(BaseModel):
+    """A section whose unknown keys are errors and whose values never change after validation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SchemeConfig(Strict):
+    """bits / group_size (null = per output channel) / symmetric; `preset` fills the defaults.
+
+    `format`: int (llmq's integer grid, any bits) or a bitsandbytes format saved in bitsandbytes' own
+    serialization — nf4 / fp4 (4-bit codebooks, absmax per block of 64 weights: group_size 64, symmetric) or
+    int8 (LLM.int8: bitsandbytes quantizes, per output row). Those fix bits / group_size / symmetric: leave them
+    out or give the values they need.
+    """
+
+    preset: str | None = None
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    format: Literal["int", "nf4", "fp4", "int8"] = "int"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            data = {"preset": data}
+        if isinstance(data, dict) and isinstance(data.get("preset"), str):
+            name = data["preset"].upper()
+            if name not in PRESETS:
+                raise ValueError(f"unknown preset {data['preset']!r} (expected one of {', '.join(PRESETS)})")
+            data = {**PRESETS[name], **data, "preset": name}
+        if isinstance(data, dict) and isinstance(data.get("format"), str) and data["format"] in BNB_FORMATS:
+            fixed = {k: v for k, v in BNB_FORMATS[data["format"]].items() if k != "methods"}
+            for key, value in fixed.items():
+                if key in data and data[key] != value:
+                    raise ValueError(f"{key}: format {data['format']} needs {value if value is not None else 'null'}, "
+                                     f"got {data[key]} (bitsandbytes fixes it; leave it out)")
+            data = {**data, **fixed}
+        return data
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in SUPPORTED_BITS:
+            raise ValueError(f"{v} is not supported (expected one of {', '.join(map(str, SUPPORTED_BITS))})")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"{v} must be a positive integer, or null for per-channel")
+        return v
+
+    def to_scheme(self) -> Scheme:
+        return Scheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, format=self.format)
+
+
+class MethodConfig(Strict):
+    """How weights are chosen. `clip: mse` searches a per-group clipping factor instead of plain min-max,
+    minimizing sum |w - ŵ|^clip_norm over shrink factors 1 … 1 - clip_max_shrink in clip_grid steps.
+
+    GPTQ only: `damp` (fraction of mean diag H added to the diagonal; grown until Cholesky succeeds),
+    `block_size` (columns per lazy batch update), `act_order` (columns by descending diag H),
+    `static_groups` (group qparams from the original weights: no g_idx on disk), `true_sequential`
+    (inside a block, each group of layers is calibrated on the outputs of the already-quantized earlier ones),
+    `clip_weights: hessian` (the clipping search weighs each input column's error by its Hessian diagonal).
+
+    QAT only: `init` (rtn or gptq: where the fake-quant weights, scales and zero points start; with gptq the GPTQ
+    keys above apply to that initialisation), `train_weights` (the latent full-precision weights are trained),
+    `learn_scales` / `learn_zero_points` (LSQ-style learnable quantization parameters). The training run itself
+    is the recipe's `training:` section.
+    """
+
+    name: Literal[METHOD_NAMES] = "rtn"
+    clip: Literal["minmax", "mse"] = "minmax"
+    clip_grid: int = Field(50, ge=1, le=1000)
+    clip_max_shrink: float = Field(0.5, gt=0.0, lt=1.0)
+    clip_norm: float = Field(2.0, ge=1.0, le=8.0)
+    damp: float = Field(0.01, ge=0.0, le=10.0)
+    block_size: int = Field(128, ge=1, le=65536)
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    clip_weights: Literal["uniform", "hessian"] = "uniform"
+    init: Literal["rtn", "gptq"] = "rtn"
+    train_weights: bool = True
+    learn_scales: bool = True
+    learn_zero_points: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _keys_fit_method(self) -> MethodConfig:
+        def changed(keys):
+            return [k for k in keys if getattr(self, k) != type(self).model_fields[k].default]
+
+        stray = changed(GPTQ_KEYS)
+        if stray and self.init_method != "gptq":
+            raise ValueError(f"{stray[0]} applies to method gptq (or qat with init: gptq) only, not {self.name!r}")
+        stray = changed(QAT_KEYS)
+        if stray and self.name != "qat":
+            raise ValueError(f"{stray[0]} applies to method qat only, not {self.name!r}")
+        if self.name == "qat" and not (self.train_weights or self.learn_scales or self.learn_zero_points):
+            raise ValueError("qat with train_weights, learn_scales and learn_zero_points all false has nothing to train")
+        return self
+
+    @property
+    def init_method(self) -> str:
+        """The PTQ method whose result a QAT run starts from (the method itself for rtn and gptq)."""
+        return self.init if self.name == "qat" else self.name
+
+
+class CalibrationConfig(Strict):
+    data: str = "lambada"
+    n_samples: int = Field(64, ge=1)
+    seqlen: int = Field(512, ge=8)
+    seed: int = 0
+    batch_size: int = Field(4, ge=1)  # windows per forward pass through a block (peak RSS: ~40 MB per window on SmolLM2, measured)
+
+
+class BudgetConfig(Strict):
+    """How long QAT trains: exactly one of optimizer `steps`, training `tokens` (rounded up to whole steps), or
+    wall-clock `minutes` for the whole method, initialisation included (turned into a step count once, after
+    timing a step twice, and kept on resume so an interrupted run ends where an uninterrupted one would)."""
+
+    steps: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1)
+    minutes: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_number(cls, data: Any) -> Any:
+        return {"steps": data} if isinstance(data, int) and not isinstance(data, bool) else data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BudgetConfig:
+        given = [k for k in ("steps", "tokens", "minutes") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of steps, tokens or minutes (got {', '.join(given) or 'none'})")
+        return self
+
+
+class TrainingConfig(Strict):
+    """QAT's fine-tune: `batch_size` windows of `seqlen` tokens of `data` per optimizer step (across all
+    processes), `micro_batch_size` per forward pass (gradient accumulation makes up the rest). AdamW with linear
+    warm-up over `warmup` (fraction of the steps) then cosine decay to zero; `lr` for the weights, `qparam_lr`
+    for scales and zero points. `loss: kd` distils the full-precision model's next-token distribution (KL at
+    `kd_temperature`; the teacher runs without gradients), `loss: next_token` is plain cross-entropy.
+    `checkpoint_every` steps the training state is saved in the partial output folder, so a killed run resumes
+    (bit-identical to an uninterrupted one on the same machine). `autocast: auto` = bf16 on GPU, fp32 on CPU."""
+
+    data: str = "lambada"
+    seqlen: int = Field(512, ge=8)
+    batch_size: int = Field(8, ge=1)
+    micro_batch_size: int = Field(2, ge=1)
+    budget: BudgetConfig = BudgetConfig(steps=100)
+    loss: Literal["kd", "next_token"] = "kd"
+    kd_temperature: float = Field(1.0, gt=0.0, le=100.0)
+    lr: float = Field(1e-5, ge=0.0, le=1.0)
+    qparam_lr: float = Field(1e-4, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    warmup: float = Field(0.05, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(25, ge=1)
+    seed: int = 0
+    autocast: Literal["auto", "bf16", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _micro_divides(self) -> TrainingConfig:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size}"
+            )
+        return self
+
+
+class PerplexityConfig(Strict):
+    """Perplexity protocol: non-overlapping windows of `seqlen` tokens of `data`, the first `max_windows`."""
+
+    data: str = "wiki"
+    seqlen: int = Field(2048, ge=8)
+    max_windows: int | None = Field(16, ge=1)
+    batch_size: int = Field(1, ge=1)
+
+
+class Thresholds(Strict):
+    """The regression gate: a miss makes `llmq run` exit non-zero (3) with the task and the numbers."""
+
+    min_recovery: dict[str, float] = {}  # suite task label -> least quantized / base score (e.g. arc_easy: 0.97)
+    max_ppl_increase: float | None = Field(None, ge=0)  # most relative perplexity increase (0.10 = +10%)
+
+    @field_validator("min_recovery")
+    @classmethod
+    def _ratios(cls, v: dict[str, float]) -> dict[str, float]:
+        for task, ratio in v.items():
+            if not 0 < ratio <= 2:
+                raise ValueError(f"{task}: {ratio} is not a recovery ratio (quantized / base score, e.g. 0.97)")
+        return v
+
+
+class EvalConfig(PerplexityConfig):
+    """The perplexity protocol (always), an lm-eval suite on base and quantized (optional), and the gate."""
+
+    baseline: bool = True  # evaluate the full-precision model too
+    suite: str | None = None  # an eval suite by name (quick, leaderboard) or path; None: perplexity only
+    limit: int | None = Field(None, ge=1)  # replaces every suite task's limit
+    store: str | None = None  # results store file (default: $LLMQ_RESULTS or ~/.cache/llmq/results.jsonl)
+    thresholds: Thresholds | None = None
+
+    @model_validator(mode="after")
+    def _gate_has_numbers(self) -> EvalConfig:
+        if self.thresholds is None:
+            return self
+        if self.thresholds.min_recovery and self.suite is None:
+            raise ValueError("thresholds.min_recovery needs eval.suite (the tasks whose recovery it checks)")
+        if not self.baseline:
+            raise ValueError("thresholds compare with the base model: they need eval.baseline: true")
+        return self
+
+
+class OutputConfig(Strict):
+    dir: str | None = None  # default: out/<recipe name>
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class Recipe(Strict):
+    name: str | None = None
+    model: str
+    method: MethodConfig = MethodConfig()
+    scheme: SchemeConfig = SchemeConfig()
+    targets: list[str] = [r".*"]
+    ignore: list[str] = [r"lm_head"]
+    calibration: CalibrationConfig = CalibrationConfig()
+    training: TrainingConfig | None = None  # QAT only; default TrainingConfig() when method is qat
+    eval: EvalConfig | None = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a model (built-in alias, local folder, .gguf file or hub id)")
+        return v
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({e})") from None
+        return v
+
+    @model_validator(mode="after")
+    def _qat_trains(self) -> Recipe:
+        if self.method.name == "qat" and self.training is None:
+            object.__setattr__(self, "training", TrainingConfig())
+        return self
+
+    @model_validator(mode="after")
+    def _format_fits_method(self) -> Recipe:
+        fmt, m = self.scheme.format, self.method
+        if fmt not in BNB_FORMATS:
+            return self
+        if m.name not in BNB_FORMATS[fmt]["methods"]:
+            raise ValueError(f"method {m.name!r} cannot produce format {fmt} (it takes {' or '.join(BNB_FORMATS[fmt]['methods'])})")
+        if m.name == "rtn" and m.clip != "minmax":
+            raise ValueError(f"method rtn with format {fmt} is bitsandbytes' own quantization (absmax): clip must be minmax "
+                             "(use method gptq for a clipped, error-compensated one)")
+        if m.name == "gptq" and m.act_order and not m.static_groups:
+            raise ValueError(f"format {fmt} stores blocks in column order: act_order needs static_groups: true")
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_data(self) -> Recipe:
+        if self.eval is not None and self.eval.data == self.calibration.data:
+            raise ValueError(
+                f"calibration.data and eval.data are both {self.eval.data!r}: never calibrate on the evaluation text"
+            )
+        if self.training is not None and self.method.name != "qat":
+            raise ValueError(f"training applies to method qat only, not {self.method.name!r}")
+        if self.eval is not None and self.training is not None and self.eval.data == self.training.data:
+            raise ValueError(
+                f"training.data and eval.data are both {self.eval.data!r}: never train on the evaluation text"
+            )
+        return self
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise BadInputError(f"{source}: expected a mapping of keys (model, method, scheme, ...), got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise BadInputError(f"{source}: {first_error(e, cls)}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise BadInputError(f"recipe file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise BadInputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        recipe = cls.from_dict(data, source=str(path))
+        if recipe.name is None:
+            recipe = recipe.model_copy(update={"name": path.stem})
+        return recipe
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir or f"out/{self.name or 'llmq'}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """Content hash of the validated recipe (key order and formatting do not matter)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def is_targeted(self, module_name: str) -> bool:
+        return is_targeted(module_name, self.targets, self.ignore)
