@@ -1,19 +1,20 @@
 """CPU speed of llmq checkpoints against their base: SmolLM2-135M, W4 g64 and W8 per-channel, on this machine.
 
-    python eval/cpu_speed_smollm2.py [--rounds 5] [--skip-ppl]
+    python benchmarks/cpu_speed_smollm2.py [--rounds 5] [--skip-ppl]
 
 1. `llmq bench generate` for each checkpoint (prompt 128 tokens, 64 decoded, greedy, KV cache), base and
-   quantized in fp32 and bf16, round-robin in one process → eval/results/cpu_generate_<row>.json.
+   quantized in fp32 and bf16, round-robin in one process → benchmarks/results/cpu_generate_<row>.json.
 2. What bf16 costs in accuracy: the perplexity protocol (wiki, 16 x 2048) of the base and the W4 checkpoint in
-   fp32 (W4: the exact reference kernel) and bf16 (W4: the packed int4 kernel) → eval/results/cpu_kernels_ppl.json.
-3. `llmq bench kernels` on SmolLM2's layer shapes, W4 g64 and W8 per-channel → eval/results/cpu_kernels_w{4,8}.json.
-A Markdown summary goes to eval/results/cpu_speed_smollm2.md. Run it with nothing else on the machine.
+   fp32 (W4: the exact reference kernel) and bf16 (W4: the packed int4 kernel) → benchmarks/results/cpu_kernels_ppl.json.
+3. `llmq bench kernels` on SmolLM2's layer shapes, W4 g64 and W8 per-channel → benchmarks/results/cpu_kernels_w{4,8}.json.
+A Markdown summary goes to benchmarks/results/cpu_speed_smollm2.md. Run it with nothing else on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -39,16 +40,17 @@ def checkpoint(row: str) -> Path:
 def perplexities() -> dict:
     import torch
 
-    from llmq import data, models
-    from llmq.evaluate import perplexity
+    from llmq import data, loading
+    from llmq.evaluation.perplexity import perplexity
+    from llmq.model.resolve import resolve
 
-    folder = models.resolve(BASE)
-    ids = data.tokenize_corpus(models.load_tokenizer(folder), data.load_text("wiki"))
+    folder = resolve(BASE)
+    ids = data.tokenize_corpus(loading.load_tokenizer(folder), data.load_text("wiki"))
     windows = data.eval_windows(ids, 2048, 16)
     out = {}
     for label, spec in (("base", BASE), ("w4g64", str(checkpoint("w4g64")))):
         for dtype in ("float32", "bfloat16"):
-            model = models.load_model(models.resolve(spec), dtype=getattr(torch, dtype))
+            model = loading.load_model(resolve(spec), dtype=getattr(torch, dtype))
             p = perplexity(model, windows, "wiki", desc=f"{label} {dtype}")
             out[f"{label} {dtype}"] = {"ppl": p.ppl, "seconds": p.seconds}
             print(f"{label} {dtype}: ppl {p.ppl:.4f} ({p.seconds:.0f} s)")
@@ -61,14 +63,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--skip-ppl", action="store_true")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # llmq bench progress lines
     from llmq import bench
 
     lines = ["# CPU speed of llmq checkpoints (SmolLM2-135M-Instruct)", "",
-             (f"`python eval/cpu_speed_smollm2.py` ({time.strftime('%Y-%m-%d')}); numbers are medians of "
+             (f"`python benchmarks/cpu_speed_smollm2.py` ({time.strftime('%Y-%m-%d')}); numbers are medians of "
               f"{args.rounds} interleaved rounds."), ""]
     for row in ROWS:
-        result = bench.bench_generate(str(checkpoint(row)), BASE, ("float32", "bfloat16"), 128, 64, args.rounds,
-                                      progress=print)
+        result = bench.bench_generate(str(checkpoint(row)), BASE, ("float32", "bfloat16"), 128, 64, args.rounds)
         bench.write_json(result, RESULTS / f"cpu_generate_{row}.json")
         lines += [f"## Generation, {row} (`llmq bench generate`; prompt 128, decode 64; {result['device']})", "",
                   "| model | kernels | weights MB | prefill tok/s | decode tok/s | decode vs base fp32 |",
@@ -85,7 +87,7 @@ def main() -> None:
         lines += [f"| {k} | {v['ppl']:.4f} | {v['seconds']:.0f} |" for k, v in ppl.items()]
         lines.append("")
     for bits, group in ((4, 64), (8, None)):
-        result = bench.bench_kernels(bits=bits, group_size=group, rounds=args.rounds, progress=print)
+        result = bench.bench_kernels(bits=bits, group_size=group, rounds=args.rounds)
         bench.write_json(result, RESULTS / f"cpu_kernels_w{bits}.json")
         lines += [(f"## One layer, W{bits} {'g' + str(group) if group else 'per-channel'} (`llmq bench kernels`; "
                    f"copy bandwidth {result['bandwidth_gbps']:.1f} GB/s)"), "",

@@ -1,7 +1,7 @@
 """GPTQ vs RTN on SmolLM2-135M, side by side: quantization wall time and peak RSS (each recipe quantized alone in a
-fresh process by eval/quantize_only.py), then wiki perplexity of the saved checkpoint per the protocol.
+fresh process by benchmarks/quantize_only.py), then wiki perplexity of the saved checkpoint per the protocol.
 
-    python eval/gptq_bench.py RECIPE.yaml [...] [--windows 16] [--out eval/results/gptq_smollm2]
+    python benchmarks/gptq_bench.py RECIPE.yaml [...] [--windows 16] [--out benchmarks/results/gptq_smollm2]
 
 Each recipe's `output.dir` is ignored (checkpoints go to a temporary folder). Appends one JSON line per recipe to
 <out>.jsonl and rewrites <out>.md from all lines there. A benchmark, not a test.
@@ -18,17 +18,17 @@ from pathlib import Path
 
 import torch
 
-from llmq import data, models
-from llmq.evaluate import perplexity
+from llmq import data, loading
+from llmq.evaluation.perplexity import perplexity
 from llmq.pipeline import as_recipe, scheme_label
 
 HERE = Path(__file__).parent
 
 
 def evaluate(folder: Path, windows: int) -> dict:
-    tok = models.load_tokenizer(folder)
+    tok = loading.load_tokenizer(folder)
     ids = data.tokenize_corpus(tok, data.load_text("wiki"))
-    model = models.load_model(folder, dtype=torch.float32)
+    model = loading.load_model(folder, dtype=torch.float32)
     return perplexity(model, data.eval_windows(ids, 2048, windows), "wiki").to_dict()
 
 
@@ -72,7 +72,7 @@ def write_table(out: Path) -> None:
         "",
         "wiki perplexity per the protocol (fp32); quantization alone timed in a fresh process on 2 CPU cores "
         "(model resolution, calibration tokenizing and evaluation excluded); peak RSS sampled while quantizing.",
-        "Command: `python eval/gptq_bench.py recipes/<recipe>.yaml ...`",
+        "Command: `python benchmarks/gptq_bench.py recipes/<recipe>.yaml ...`",
         "",
         "| recipe | scheme | method options | calibration | wiki ppl | quantize s | peak RSS GB |",
         "|---|---|---|---|---|---|---|",

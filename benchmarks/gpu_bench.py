@@ -1,6 +1,6 @@
 """GPU measurements of llmq's Triton WnA16 kernels (issue 5), for a lent H100 / H200: one script, several parts.
 
-    python eval/gpu_bench.py --out DIR --part decode prefill bits e2e
+    python benchmarks/gpu_bench.py --out DIR --part decode prefill bits e2e
 
 - decode / prefill: `llmq bench kernels` at W4 g128 on the issue's shapes (K x N = 4096x4096, 4096x11008,
   11008x4096, 8192x8192, 8192x28672), M = 1 and 16 (decode) or 2048 (prefill), against dense bf16 F.linear
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ def kernels_part(out: Path, name: str, ms: list[int], bits: int, shapes=None, ro
     from llmq import bench
 
     t = time.perf_counter()
-    result = bench.bench_kernels(shapes, ms, bits=bits, group_size=128, device="cuda", rounds=rounds, progress=print)
+    result = bench.bench_kernels(shapes, ms, bits=bits, group_size=128, device="cuda", rounds=rounds)
     result["wall_s"] = time.perf_counter() - t
     bench.write_json(result, out / f"{name}.json")
     Console(width=200).print(bench.kernels_table(result))
@@ -65,7 +66,7 @@ def e2e_part(out: Path, layers: int, new_tokens: int = 128, rounds: int = 5) -> 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmq import bench, numerics
-    from llmq.modules import replace_linears
+    from llmq.checkpoint.quant_linear import replace_linears
     from llmq.numerics import Scheme
 
     torch.manual_seed(0)
@@ -112,6 +113,7 @@ def main() -> None:
     p.add_argument("--part", nargs="+", default=["decode", "prefill", "bits", "e2e"])
     p.add_argument("--layers", type=int, default=8)
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # llmq bench progress lines
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(torch.__version__, torch.cuda.get_device_name())

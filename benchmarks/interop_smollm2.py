@@ -2,7 +2,7 @@
 format's own loader in transformers (optimum + gptqmodel; compressed-tensors), and measure wiki perplexity with
 the llmq protocol side by side with the llmq checkpoint; then import each export back and check the bytes.
 
-    python eval/interop_smollm2.py [RECIPE ...] [--windows 16] [--out eval/results/interop_smollm2]
+    python benchmarks/interop_smollm2.py [RECIPE ...] [--windows 16] [--out benchmarks/results/interop_smollm2]
 
 Writes <out>.json and <out>.md. A benchmark, not a test (tests/test_formats.py asserts the same on tiny models).
 """
@@ -22,9 +22,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import llmq
-from llmq import data, formats, models
+from llmq import data, formats, loading
 from llmq.errors import BadInputError
-from llmq.evaluate import perplexity
+from llmq.evaluation.perplexity import perplexity
+from llmq.model.resolve import resolve
 
 DEFAULT = ["recipes/gptq-w4g64.yaml", "recipes/gptq-w4g64-sym.yaml", "recipes/w8-per-channel.yaml"]
 
@@ -53,10 +54,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recipes", nargs="*", default=DEFAULT)
     ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--out", default="eval/results/interop_smollm2")
+    ap.add_argument("--out", default="benchmarks/results/interop_smollm2")
     args = ap.parse_args()
-    base = models.resolve("smollm2-135m")
-    windows = data.eval_windows(data.tokenize_corpus(models.load_tokenizer(base), data.load_text("wiki")), 2048, args.windows)
+    base = resolve("smollm2-135m")
+    windows = data.eval_windows(data.tokenize_corpus(loading.load_tokenizer(base), data.load_text("wiki")), 2048, args.windows)
     work = Path(tempfile.mkdtemp(prefix="llmq-interop-"))
     rows = []
     try:
@@ -115,7 +116,7 @@ def render(rows: list[dict], meta: dict, windows: int) -> str:
         return f"{e['max_abs_logit_diff']:.2g} of {e['max_abs_logit']:.1f}" if "ppl" in e else "-"
 
     lines = [
-        f"Command: `python eval/interop_smollm2.py` — wiki, {windows} x 2048 tokens, fp32, 2 CPU cores. {meta}",
+        f"Command: `python benchmarks/interop_smollm2.py` — wiki, {windows} x 2048 tokens, fp32, 2 CPU cores. {meta}",
         "",
         "| recipe | llmq ppl | GPTQ export (loader kernel) | GPTQ ppl | max logit Δ | CT ppl | max logit Δ | round trips byte-identical |",
         "|---|---|---|---|---|---|---|---|",

@@ -1,13 +1,13 @@
 """The published SmolLM2-135M leaderboard: build every row's checkpoint, evaluate it, draw the tables and plots.
 
-    python eval/leaderboard_smollm2.py [--suites quick leaderboard-cpu] [--store eval/results/store.jsonl]
+    python benchmarks/leaderboard_smollm2.py [--suites quick leaderboard-cpu] [--store benchmarks/results/store.jsonl]
 
 Rows: the base model; RTN and GPTQ at W8 (per-channel, symmetric), W4g64 and W3g64 (asymmetric), from the recipes
 in recipes/; NF4 through bitsandbytes (transformers' BitsAndBytesConfig, bitsandbytes' own quantization, saved in
 its serialization). Checkpoints go to out/leaderboard/<row> (made once, reused); every result goes to the results
 store, so a rerun only evaluates what is missing. The quick suite runs on every row; the leaderboard suite named
 by --full (default leaderboard-cpu: the leaderboard's tasks and shots with CPU-sized limits) on the base and the
-best 4-bit row of the quick suite. Tables and plots: eval/leaderboard/<suite>/.
+best 4-bit row of the quick suite. Tables and plots: benchmarks/leaderboard/<suite>/.
 """
 
 from __future__ import annotations
@@ -44,17 +44,18 @@ def nf4(out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from llmq import models
+    from llmq import loading
     from llmq.io import atomic_dir
+    from llmq.model.resolve import resolve
 
     target = out / "bnb-nf4"
     if not (target / "config.json").is_file():
-        base = models.resolve(BASE)
+        base = resolve(BASE)
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
         model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu")
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp)
-            models.load_tokenizer(base).save_pretrained(tmp)
+            loading.load_tokenizer(base).save_pretrained(tmp)
     return target
 
 
@@ -65,9 +66,10 @@ def main() -> None:
     p.add_argument("--full", default="leaderboard-cpu", help="the suite for the base and the best 4-bit row")
     p.add_argument("--skip-full", action="store_true")
     args = p.parse_args()
-    from llmq import leaderboard, suites
-    from llmq.evaluate import evaluate_suite
-    from llmq.results import ResultsStore
+    from llmq.evaluation import suite as suites
+    from llmq.evaluation.store import ResultsStore
+    from llmq.evaluation.suite_run import evaluate_suite
+    from llmq.reporting import leaderboard
 
     store, out = ResultsStore(args.store), Path(args.out)
     rows = {BASE: BASE, **{name: str(quantized(name, out)) for name in RECIPES}, "bnb-nf4": str(nf4(out))}

@@ -13,7 +13,7 @@ Each scheme runs in a fresh child process (so peak RSS and timings do not carry 
 load the fp32 model, time `oneshot` with a default GPTQModifier on exactly those 64 windows while sampling
 VmRSS every 20 ms, check the Linear weights really are on the quantization grid, then compute the perplexity.
 
-    HF_HUB_OFFLINE=1 /tmp/peer-venv/bin/python eval/peer_llmcompressor.py \
+    HF_HUB_OFFLINE=1 /tmp/peer-venv/bin/python benchmarks/peer_llmcompressor.py \
         --model /root/.cache/llmq/models/smollm2-135m-<hash> --calib /tmp/peer_calib.pt --eval /tmp/peer_eval.pt
 """
 

@@ -1,7 +1,7 @@
 """Exploratory QAT learning-rate probe (as run once for the QAT issue): W3g64 from plain RTN, 10 steps of 4 x 512
 lambada tokens, wiki perplexity on only 4 x 2048 tokens (a quick look, not the protocol's 16 windows).
 
-    python eval/qat_probe.py 3 64
+    python benchmarks/qat_probe.py 3 64
 
 Measured 2026-11-23 (2 CPU cores; only the first setting finished before it was stopped): base 20.642, RTN init
 65.158, lr = qparam_lr = 1e-5 -> 59.928 after 10 steps (KD loss 1.246 -> 0.997), 280 s of training.
@@ -12,17 +12,18 @@ import time
 
 import torch
 
-from llmq import data, models
-from llmq.evaluate import perplexity
+from llmq import data, loading
+from llmq.evaluation.perplexity import perplexity
 from llmq.methods import qat
+from llmq.model.resolve import resolve
 from llmq.recipe import Recipe
 
-base = models.resolve("smollm2-135m")
-tok = models.load_tokenizer(base)
+base = resolve("smollm2-135m")
+tok = loading.load_tokenizer(base)
 ev = data.eval_windows(data.tokenize_corpus(tok, data.load_text("wiki")), 2048, 4)
 tr = data.eval_windows(data.tokenize_corpus(tok, data.load_text("lambada")), 512, None)
 print("train windows", tr.shape, flush=True)
-m0 = models.load_model(base, dtype=torch.float32)
+m0 = loading.load_model(base, dtype=torch.float32)
 print("base", perplexity(m0, ev, "wiki").ppl, flush=True)
 bits, gs = int(sys.argv[1]), int(sys.argv[2])
 for lr, qlr in [(1e-5, 1e-5), (5e-5, 5e-5), (2e-4, 2e-4)]:

@@ -1,12 +1,12 @@
 """The QAT perplexity ladder on SmolLM2-135M: base, initialisation (RTN or GPTQ), QAT — one recipe after another.
 
-    python eval/qat_smollm2.py [recipes/qat-*.yaml ...]     (default: the recipes listed in RECIPES, in order)
+    python benchmarks/qat_smollm2.py [recipes/qat-*.yaml ...]     (default: the recipes listed in RECIPES, in order)
 
 Each recipe runs through `llmq.run` exactly as `llmq run` would (wiki perplexity per the protocol, 16 x 2048
 tokens, on the checkpoint reloaded from disk; the initialisation's perplexity on the fake-quant model before
 training, which equals the PTQ model exactly). The base model is evaluated once, in the first run; later runs skip
-that repeat (eval.baseline: false) and take its number. Results are appended to eval/results/qat_smollm2.jsonl as
-each run finishes and the table eval/results/qat_smollm2.md is rewritten from that file.
+that repeat (eval.baseline: false) and take its number. Results are appended to benchmarks/results/qat_smollm2.jsonl as
+each run finishes and the table benchmarks/results/qat_smollm2.md is rewritten from that file.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def write_table(rows: list[dict]) -> None:
     lines = [
         "# QAT on SmolLM2-135M: the perplexity ladder",
         "",
-        "Command: `python eval/qat_smollm2.py` (2 CPU cores, fp32). Wiki perplexity per the protocol (16 x 2048 tokens, "
+        "Command: `python benchmarks/qat_smollm2.py` (2 CPU cores, fp32). Wiki perplexity per the protocol (16 x 2048 tokens, "
         "32,752 predicted); lower is better. `init` is the PTQ model QAT starts from (measured on the fake-quant model "
         "before training, identical to it); recovery = (ppl_init - ppl_qat) / (ppl_init - ppl_base). `minutes` is the "
         "recipe's budget for initialisation + training; `method s` what it took (conversion included).",

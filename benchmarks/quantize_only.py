@@ -1,9 +1,9 @@
 """Quantize a recipe's model and nothing else, in this process, and print wall time and peak RSS as JSON.
 
-Used by eval/gptq_bench.py in a fresh subprocess per recipe, so peak RSS is that of quantizing alone (model
+Used by benchmarks/gptq_bench.py in a fresh subprocess per recipe, so peak RSS is that of quantizing alone (model
 resolution and tokenizing the calibration text happen first and are timed separately; no evaluation).
 
-    python eval/quantize_only.py RECIPE OUT_DIR
+    python benchmarks/quantize_only.py RECIPE OUT_DIR
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from pathlib import Path
 
 import torch
 
-from llmq import blockwise, calibration, models
+from llmq import calibration, loading
+from llmq.environment import DTYPES
 from llmq.io import partial_dir
-from llmq.pipeline import DTYPES, as_recipe
+from llmq.model.resolve import resolve
+from llmq.pipeline import as_recipe
+from llmq.quantization import blockwise
 
 
 class RssSampler(threading.Thread):
@@ -51,8 +54,8 @@ def rss_bytes() -> int:
 def main(recipe_path: str, out: str) -> dict:
     recipe = as_recipe(recipe_path)
     t = time.perf_counter()
-    base = models.resolve(recipe.model)
-    tokenizer = models.load_tokenizer(base)
+    base = resolve(recipe.model)
+    tokenizer = loading.load_tokenizer(base)
     calib = calibration.calibration_batches(recipe.calibration, tokenizer) if recipe.method.name != "rtn" else None
     prepare_s = time.perf_counter() - t
     work = partial_dir(Path(out))

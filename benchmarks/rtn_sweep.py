@@ -2,7 +2,7 @@
 the MSE clipping search. Every row goes through `llmq.run` (quantize → save → from_pretrained → perplexity),
 so the numbers are those of the saved checkpoints. The base model is evaluated once, in the first run.
 
-    python eval/rtn_sweep.py [--windows 16] [--out eval/results/rtn_smollm2]
+    python benchmarks/rtn_sweep.py [--windows 16] [--out benchmarks/results/rtn_smollm2]
 
 Writes <out>.json (all reports) and <out>.md (the table). A benchmark, not a test.
 """
@@ -29,7 +29,7 @@ SCHEMES = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--out", default="eval/results/rtn_smollm2")
+    ap.add_argument("--out", default="benchmarks/results/rtn_smollm2")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llmq-sweep-"))
     rows, base = [], None
@@ -54,7 +54,7 @@ def main() -> None:
         f"# RTN on SmolLM2-135M — wiki perplexity, {q0['windows']} windows x {q0['seqlen']} tokens "
         f"({q0['tokens']} predicted tokens), fp32, 2 CPU cores",
         "",
-        f"Base: **{base['ppl']:.3f}** (eval {base['seconds']:.0f} s). Command: `python eval/rtn_sweep.py --windows {args.windows}`.",
+        f"Base: **{base['ppl']:.3f}** (eval {base['seconds']:.0f} s). Command: `python benchmarks/rtn_sweep.py --windows {args.windows}`.",
         "",
         "| scheme | clip | perplexity | increase | quantize s | safetensors MB | of base |",
         "|---|---|---|---|---|---|---|",

@@ -4,7 +4,7 @@ Builds (once) a random fp32 Llama checkpoint, written shard by shard so building
 then runs llmq's block-by-block GPTQ over it straight from disk with seeded random calibration tokens, and
 prints / writes checkpoint size, wall time, seconds per block and the peak RSS sampled while quantizing.
 
-    python eval/scale_test.py [--dir /tmp/llmq-scale] [--layers 18] [--samples 8] [--seqlen 512]
+    python benchmarks/scale_test.py [--dir /tmp/llmq-scale] [--layers 18] [--samples 8] [--seqlen 512]
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quantize_only import RssSampler, rss_bytes  # noqa: E402
 
 import llmq  # noqa: E402
-from llmq import blockwise, checkpoint  # noqa: E402
+from llmq.checkpoint.safetensors_io import INDEX
+from llmq.quantization import blockwise  # noqa: E402
 
 HIDDEN, INTERMEDIATE, VOCAB = 2048, 5632, 32000
 
@@ -67,7 +68,7 @@ def build(folder: Path, layers: int) -> int:
     save_file(rest, tmp / name, metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(rest, name))
     total = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-    (tmp / checkpoint.INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     tmp.rename(folder)
     return total
 

@@ -12,6 +12,7 @@ import os
 import sys
 
 from .errors import BadInputError, LlmqError
+from .formats import EXPORT_FORMATS
 from .numerics import SUPPORTED_BITS
 
 
@@ -25,7 +26,23 @@ def _parser() -> argparse.ArgumentParser:
 
     p.add_argument("--version", action="version", version=f"llmq {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run, _add_validate, _add_export, _add_import, _add_eval, _add_leaderboard, _add_bench, _add_inspect):
+        add(sub)
+    return p
 
+
+def _add_output_args(command) -> None:
+    command.add_argument("output", help="the folder to write")
+    command.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+
+def _add_timing_args(command) -> None:
+    command.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians). Default: 5")
+    command.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    command.add_argument("--json", help="also write the results to this JSON file")
+
+
+def _add_run(sub) -> None:
     run = sub.add_parser("run", help="quantize, save, reload and evaluate as a recipe says",
                          description="Run a recipe end to end: quantize, save safetensors, reload with from_pretrained, "
                                      "evaluate base and quantized perplexity, write report.json and a model card.")
@@ -36,35 +53,41 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue an interrupted run (an error if there is none); a rerun of the same recipe "
                           "resumes by itself anyway, PTQ at the next block, QAT at its last training checkpoint")
 
+
+def _add_validate(sub) -> None:
     val = sub.add_parser("validate", help="check a recipe without running it",
                          description="Validate a recipe: keys, types, values, and (unless --no-model) that its scheme "
                                      "fits the model's layers. Reads no weights.")
     val.add_argument("recipe", help="path to a recipe YAML file")
     val.add_argument("--no-model", action="store_true", help="check the recipe alone, without resolving the model")
 
+
+def _add_export(sub) -> None:
     exp = sub.add_parser("export", help="write an llmq checkpoint as GPTQ or compressed-tensors",
                          description="Rewrite an llmq checkpoint in a format that vLLM, SGLang and transformers serve. "
                                      "The integer codes, scales and zero points are kept exactly; only the packing changes.",
                          epilog="Example: llmq export out/gptq-w4g64 out/gptq-w4g64-vllm --format gptq")
     exp.add_argument("checkpoint", help="an llmq checkpoint folder (the output of llmq run)")
-    exp.add_argument("output", help="the folder to write")
-    exp.add_argument("--format", required=True, choices=["gptq", "compressed-tensors"],
+    exp.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                      help="gptq: quant_method gptq (transformers via optimum + gptqmodel, vLLM, SGLang); "
                           "compressed-tensors: pack-quantized (vLLM, SGLang, compressed-tensors)")
     exp.add_argument("--gptq-version", type=int, choices=[1, 2], default=1,
                      help="GPTQ zero-point convention: 1 stores zero - 1 (what most servers read; cannot store a zero "
                           "point of 0), 2 stores the true zero (GPTQModel). Default: 1")
-    exp.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    _add_output_args(exp)
 
+
+def _add_import(sub) -> None:
     imp = sub.add_parser("import", help="bring a GPTQ or compressed-tensors checkpoint into llmq",
                          description="Rewrite a GPTQ (v1 or v2) or compressed-tensors pack-quantized checkpoint as an llmq "
                                      "checkpoint, so llmq's QuantLinear kernels and evaluation run on it. Exact: the same "
                                      "integer codes, scales and zero points.",
                          epilog="Example: llmq import ./Llama-3-8B-GPTQ out/llama3-gptq-llmq")
     imp.add_argument("checkpoint", help="a local GPTQ or compressed-tensors checkpoint folder")
-    imp.add_argument("output", help="the folder to write")
-    imp.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    _add_output_args(imp)
 
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="score any causal LM checkpoint on an evaluation suite (lm-eval, offline)",
                         description="Evaluate a checkpoint (full precision, llmq, GPTQ, compressed-tensors or bitsandbytes; "
                                     "a folder, built-in alias or hub id) on a suite of lm-eval tasks and the perplexity "
@@ -86,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--base", help="the base model this checkpoint was made from, for recovery (llmq checkpoints know it)")
     ev.add_argument("--batch-size", type=int, help="lm-eval batch size (default: chosen automatically)")
 
+
+def _add_leaderboard(sub) -> None:
     lb = sub.add_parser("leaderboard", help="build the leaderboard (Markdown, HTML, plots) from the results store",
                         description="Draw one table, one sortable HTML page and two plots (wiki perplexity vs weight bits, "
                                     "average accuracy vs size on disk with the Pareto front) from the results of one suite.",
@@ -94,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--store", help="results store file (default: $LLMQ_RESULTS or ~/.cache/llmq/results.jsonl)")
     lb.add_argument("--out", default="leaderboard", help="output folder (leaderboard.md, leaderboard.html, *.png). Default: leaderboard")
 
+
+def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="benchmark kernels or a checkpoint's generation speed (tables + JSON)",
                            description="Benchmarks, not tests: configurations are timed side by side in one process, "
                                        "interleaved, medians of the rounds; ratios are the numbers to quote.")
@@ -108,9 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     bk.add_argument("--m", type=int, nargs="+", help="batch sizes (tokens) to sweep (default: 1 16 128 on CPU, 1 16 2048 on GPU)")
     bk.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS, help="weight bits. Default: 4")
     bk.add_argument("--group-size", type=int, default=128, help="group size; 0 = per channel. Default: 128")
-    bk.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians). Default: 5")
-    bk.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    bk.add_argument("--json", help="also write the results to this JSON file")
+    _add_timing_args(bk)
     bg = bsub.add_parser("generate", help="prefill and decode tokens/s and memory of a checkpoint against its base",
                          description="Greedy decoding with the KV cache from a random prompt, for the checkpoint and its base "
                                      "model in each dtype, timed round-robin. On CPU, llmq's packed kernels serve bf16 "
@@ -122,15 +147,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="activation dtypes to run each model in. Default: float32 bfloat16")
     bg.add_argument("--prompt-tokens", type=int, default=128, help="prompt length. Default: 128")
     bg.add_argument("--new-tokens", type=int, default=64, help="tokens to decode. Default: 64")
-    bg.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians). Default: 5")
-    bg.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    bg.add_argument("--json", help="also write the results to this JSON file")
+    _add_timing_args(bg)
 
+
+def _add_inspect(sub) -> None:
     ins = sub.add_parser("inspect", help="say what kind of checkpoint a folder holds",
                          description="Read a checkpoint folder's config.json (no weights) and say what it is and whether "
                                      "llmq can import it.")
     ins.add_argument("checkpoint", help="a checkpoint folder")
-    return p
 
 
 def _validate(args) -> None:

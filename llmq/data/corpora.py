@@ -115,7 +115,7 @@ def _hub_text(spec: str) -> str:
             f"data spec {spec!r}: hub datasets need network access (HF_HUB_OFFLINE not set) and `pip install datasets`; "
             f"offline, use {', '.join(BUILTIN_CORPORA)} or a local .txt/.jsonl file"
         )
-    import datasets  # optional dependency, only reached online
+    import datasets  # reached online only (the hub)
 
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
     try:

@@ -154,6 +154,19 @@ if triton is not None:
         return tl.reduce(tl.reduce(prod, 1, _SUM), 0, _SUM)[None, :]
 
     @triton.jit
+    def _channel_params(s_ptr, z_ptr, n0, offs_n, n_mask, ZW, stride_sg, stride_sn, stride_zg, stride_zw,
+                        BITS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_GROUP: tl.constexpr):
+        """With one group per channel (SINGLE_GROUP): its scales and zero points [1, BLOCK_N], loaded once for the
+        whole K loop; otherwise placeholders (the K loop loads each group's own)."""
+        if SINGLE_GROUP:
+            g0 = tl.arange(0, 1)
+            s_one, z_one = _group_params(s_ptr, z_ptr, g0, g0 == 0, n0, offs_n, n_mask, ZW,
+                                         stride_sg, stride_sn, stride_zg, stride_zw, BITS, 1, BLOCK_N)
+        else:
+            s_one, z_one = 0.0, 0
+        return s_one, z_one
+
+    @triton.jit
     def _group_params(s_ptr, z_ptr, g, g_mask, n0, offs_n, n_mask, ZW, stride_sg, stride_sn, stride_zg, stride_zw,
                       BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
         """Scales (fp32) and zero points (int32) [ROWS, BLOCK_N] of groups g [ROWS] for columns offs_n, which start at
@@ -282,12 +295,8 @@ if triton is not None:
         n_mask = offs_n < N
         offs_m = tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
-        if SINGLE_GROUP:  # one group per channel: its scales and zero points, once for the whole K loop
-            g0 = tl.arange(0, 1)
-            s_one, z_one = _group_params(s_ptr, z_ptr, g0, g0 == 0, n0, offs_n, n_mask, ZW,
-                                         stride_sg, stride_sn, stride_zg, stride_zw, BITS, 1, BLOCK_N)
-        else:
-            s_one, z_one = 0.0, 0
+        s_one, z_one = _channel_params(s_ptr, z_ptr, n0, offs_n, n_mask, ZW, stride_sg, stride_sn, stride_zg, stride_zw,
+                                       BITS, BLOCK_N, SINGLE_GROUP)
         n_tiles = (K + BLOCK_K - 1) // BLOCK_K
         per_split = (n_tiles + SPLIT_K - 1) // SPLIT_K
         t_end = tl.minimum((pid_s + 1) * per_split, n_tiles)  # trailing splits may own no tile: they store zeros
@@ -368,12 +377,8 @@ if triton is not None:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        if SINGLE_GROUP:  # one group per channel: its scales and zero points, once for the whole K loop
-            g0 = tl.arange(0, 1)
-            s_one, z_one = _group_params(s_ptr, z_ptr, g0, g0 == 0, n0, offs_n, n_mask, ZW,
-                                         stride_sg, stride_sn, stride_zg, stride_zw, BITS, 1, BLOCK_N)
-        else:
-            s_one, z_one = 0.0, 0
+        s_one, z_one = _channel_params(s_ptr, z_ptr, n0, offs_n, n_mask, ZW, stride_sg, stride_sn, stride_zg, stride_zw,
+                                       BITS, BLOCK_N, SINGLE_GROUP)
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for k0 in range(0, K, BLOCK_K):
             w = _weight_tile(

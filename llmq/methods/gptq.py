@@ -8,8 +8,8 @@ static_groups, and group qparams from the current (error-updated) weights with t
 `rtn.layer_qparams`. The block-level driver (`gptq_block`) calibrates a decoder block's Linear layers cluster
 by cluster (true-sequential: each cluster sees the outputs of the already-quantized earlier ones).
 
-What this file does not do: walk the model, load weights or write files (blockwise.py), nor pick data
-(calibration.py). Qparams and rounding come from numerics.py, as for every other method.
+What this file does not do: walk the model, load weights or write files (quantization/blockwise.py), nor pick data
+(calibration/). Qparams and rounding come from numerics.py, as for every other method.
 """
 
 from __future__ import annotations

@@ -195,91 +195,145 @@ def quantize_checkpoint(
     `work` may hold an interrupted run of the same recipe: finished blocks are kept and the walk resumes at the
     next one from the saved activations. Anything else found there is an error, never silently reused.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     t0 = time.perf_counter()
     memory.trim()
-    device = torch.device(device or default_device())
-    config = AutoConfig.from_pretrained(base_dir)
-    with init_empty_weights():  # parameters on meta; computed buffers (rotary inv_freq) stay real
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    model.tie_weights()  # init_empty_weights leaves tied embeddings as two meta tensors
-    plan, method, scheme = _plan(model, recipe), METHODS[recipe.method.name], recipe.scheme.to_scheme()
-    reader = CheckpointReader(base_dir)
-    n_blocks = len(plan.blocks)
-    n_shards = n_blocks + 1
-    key = run_key(recipe, base_dir, calibration)
+    walk = _DiskWalk.start(recipe, Path(base_dir), work, scale_dtype, torch.device(device or default_device()),
+                           run_key(recipe, base_dir, calibration), log)
+    inputs = walk.first_block_inputs(calibration)
+    walk.write_outside_blocks()
+    walk.add_finished_blocks()
+    walk.quantize_blocks(inputs)
+    _write_metadata(work, base_dir, walk.config, recipe, walk.weight_map, scale_dtype, walk.plan.has_g_idx)
+    walk.summary.seconds = time.perf_counter() - t0
+    return walk.summary
 
-    done = blocks_done(work, key)
-    if done:
-        logger.info(f"resuming at block {done} of {n_blocks} from {work}")
 
-    # the modules outside the blocks: embeddings first (to capture the first block's inputs), written as the last shard
-    rest_keys = _unique_state_keys(model, skip_prefix=f"{plan.prefix}.")
-    reader.materialize(model, "", rest_keys, device)
-    inputs = clusters = None
-    if method.needs_calibration:
+@dataclass
+class _DiskWalk:
+    """The walk from disk: the model as a meta skeleton, materialized one part at a time from `reader`; each
+    finished part written as a shard of `work` (the blocks in order, what lies outside them last)."""
+
+    recipe: Recipe
+    work: Path
+    config: Any  # the base model's transformers config (config.json of the result)
+    model: nn.Module
+    plan: _Plan
+    reader: CheckpointReader
+    scale_dtype: torch.dtype
+    device: torch.device
+    key: str  # resume.run_key
+    done: int  # blocks an interrupted run of the same key finished
+    log: Callable[[dict[str, Any]], None]
+    summary: QuantizeSummary
+    weight_map: dict[str, str] = field(default_factory=dict)  # tensor name -> shard, for the index
+    rest_keys: list[str] = field(default_factory=list)  # state keys outside the blocks (the last shard)
+
+    @classmethod
+    def start(cls, recipe: Recipe, base_dir: Path, work: Path, scale_dtype: torch.dtype, device: torch.device, key: str,
+              log) -> _DiskWalk:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(base_dir)
+        with init_empty_weights():  # parameters on meta; computed buffers (rotary inv_freq) stay real
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        model.tie_weights()  # init_empty_weights leaves tied embeddings as two meta tensors
+        plan = _plan(model, recipe)
+        reader = CheckpointReader(base_dir)
+        done = blocks_done(work, key)
+        if done:
+            logger.info(f"resuming at block {done} of {len(plan.blocks)} from {work}")
+        summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, resumed_at_block=done)
+        return cls(recipe, work, config, model, plan, reader, scale_dtype, device, key, done, log, summary)
+
+    @property
+    def method(self):
+        return METHODS[self.recipe.method.name]
+
+    @property
+    def scheme(self) -> Scheme:
+        return self.recipe.scheme.to_scheme()
+
+    def shard(self, i: int) -> str:
+        """Block i's shard; the one after the last block holds everything outside the blocks."""
+        return shard_name(i, len(self.plan.blocks) + 1)
+
+    def first_block_inputs(self, calibration: torch.Tensor | None):
+        """Materialize what lies outside the blocks (embeddings first) and, for a calibrating method, capture the
+        first block's inputs, or take the saved activations of the block to resume at."""
+        self.rest_keys = _unique_state_keys(self.model, skip_prefix=f"{self.plan.prefix}.")
+        self.reader.materialize(self.model, "", self.rest_keys, self.device)
+        if not self.method.needs_calibration:
+            return None
         if calibration is None:
-            raise LlmqError(f"method {recipe.method.name} needs calibration token windows")
-        inputs = capture_inputs(model, plan.blocks[0], _batches(calibration, recipe.calibration.batch_size), device)
-        if done > 0:
-            saved = torch.load(work / ACTIVATIONS, map_location=device, weights_only=True)
+            raise LlmqError(f"method {self.recipe.method.name} needs calibration token windows")
+        batches = _batches(calibration, self.recipe.calibration.batch_size)
+        inputs = capture_inputs(self.model, self.plan.blocks[0], batches, self.device)
+        if self.done > 0:
+            saved = torch.load(self.work / ACTIVATIONS, map_location=self.device, weights_only=True)
             if len(saved) != len(inputs.hidden) or any(a.shape != b.shape for a, b in zip(saved, inputs.hidden)):
-                raise LlmqError(f"{work / ACTIVATIONS}: saved activations do not match this run's calibration batches")
+                raise LlmqError(f"{self.work / ACTIVATIONS}: saved activations do not match this run's calibration batches")
             inputs = inputs.with_hidden(saved)
-    summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, resumed_at_block=done)
-    outside_q = {}
-    if plan.outside:
-        outside_q = rtn_block(model, plan.outside, _job(recipe, scale_dtype, None, None, summary.rows, "-", log))
-        if plan.has_g_idx:
-            outside_q = _with_default_g_idx(outside_q, scheme)
-        summary.layers += list(outside_q)
-    rest = _shard_tensors(model, "", rest_keys, outside_q, scheme, scale_dtype)
-    _save_atomic(rest, work / shard_name(n_blocks, n_shards))
-    weight_map = dict.fromkeys(rest, shard_name(n_blocks, n_shards))
-    del rest
-    model.to("meta")  # embeddings are not needed again
-    memory.trim()
+        return inputs
 
-    for i in range(done):  # finished by an earlier, interrupted run
-        with safe_open(work / shard_name(i, n_shards), framework="pt") as fh:
-            weight_map.update(dict.fromkeys(fh.keys(), shard_name(i, n_shards)))
-        summary.layers += [f"{plan.prefix}.{i}.{n}" for n in plan.per_block[i]]
-    # finished blocks are written by one background thread (shard, then activations, then progress, in that order)
-    # while the next block computes; leaving the `with` waits for the last write, also on Ctrl-C
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending = None
-        blocks = range(done, n_blocks)
-        for i in tqdm(blocks, desc=f"{recipe.method.name} blocks", unit="block", initial=done, total=n_blocks):
-            block, prefix = plan.blocks[i], f"{plan.prefix}.{i}."
-            block_keys = _unique_state_keys(block)
-            reader.materialize(block, prefix, block_keys, device)
-            if clusters is None and inputs is not None:
-                clusters = linear_clusters(block, inputs)
-            job = _job(recipe, scale_dtype, inputs, clusters, summary.rows, str(i), log)
-            qweights = method.quantize_block(block, plan.per_block[i], job)
-            if plan.has_g_idx:
-                qweights = _with_default_g_idx(qweights, scheme)
-            tensors = _shard_tensors(block, prefix, block_keys, qweights, scheme, scale_dtype)
-            weight_map.update(dict.fromkeys(tensors, shard_name(i, n_shards)))
-            summary.layers += [prefix + n for n in qweights]
+    def write_outside_blocks(self) -> None:
+        """RTN for targeted layers outside the blocks (no activations reach them); the last shard; then they go."""
+        outside_q = {}
+        if self.plan.outside:
+            job = _job(self.recipe, self.scale_dtype, None, None, self.summary.rows, "-", self.log)
+            outside_q = rtn_block(self.model, self.plan.outside, job)
+            if self.plan.has_g_idx:
+                outside_q = _with_default_g_idx(outside_q, self.scheme)
+            self.summary.layers += list(outside_q)
+        rest = _shard_tensors(self.model, "", self.rest_keys, outside_q, self.scheme, self.scale_dtype)
+        last = self.shard(len(self.plan.blocks))
+        _save_atomic(rest, self.work / last)
+        self.weight_map.update(dict.fromkeys(rest, last))
+        del rest
+        self.model.to("meta")  # embeddings are not needed again
+        memory.trim()
+
+    def add_finished_blocks(self) -> None:
+        """The shards an earlier, interrupted run finished, into the index and the summary."""
+        for i in range(self.done):
+            with safe_open(self.work / self.shard(i), framework="pt") as fh:
+                self.weight_map.update(dict.fromkeys(fh.keys(), self.shard(i)))
+            self.summary.layers += [f"{self.plan.prefix}.{i}.{n}" for n in self.plan.per_block[i]]
+
+    def quantize_blocks(self, inputs) -> None:
+        """Every block not yet done: materialize, quantize, write (one background thread writes shard, activations,
+        then progress, in that order, while the next block computes; leaving the `with` waits for the last write,
+        also on Ctrl-C)."""
+        n_blocks, clusters = len(self.plan.blocks), None
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending = None
+            bar = tqdm(range(self.done, n_blocks), desc=f"{self.recipe.method.name} blocks", unit="block",
+                       initial=self.done, total=n_blocks)
+            for i in bar:
+                block, prefix = self.plan.blocks[i], f"{self.plan.prefix}.{i}."
+                block_keys = _unique_state_keys(block)
+                self.reader.materialize(block, prefix, block_keys, self.device)
+                if clusters is None and inputs is not None:
+                    clusters = linear_clusters(block, inputs)
+                job = _job(self.recipe, self.scale_dtype, inputs, clusters, self.summary.rows, str(i), self.log)
+                qweights = self.method.quantize_block(block, self.plan.per_block[i], job)
+                if self.plan.has_g_idx:
+                    qweights = _with_default_g_idx(qweights, self.scheme)
+                tensors = _shard_tensors(block, prefix, block_keys, qweights, self.scheme, self.scale_dtype)
+                self.weight_map.update(dict.fromkeys(tensors, self.shard(i)))
+                self.summary.layers += [prefix + n for n in qweights]
+                if pending is not None:
+                    pending.result()  # the previous write holds the activations about to be overwritten
+                activations = None
+                if inputs is not None and i + 1 < n_blocks:
+                    inputs.advance(block)
+                    activations = [h.cpu() for h in inputs.hidden]
+                block.to("meta")
+                progress = {"run": self.key, "blocks_done": i + 1, "n_blocks": n_blocks}
+                pending = writer.submit(_finish_block, self.work, self.shard(i), tensors, activations, progress)
+                memory.trim()
             if pending is not None:
-                pending.result()  # the previous write holds the activations about to be overwritten
-            activations = None
-            if inputs is not None and i + 1 < n_blocks:
-                inputs.advance(block)
-                activations = [h.cpu() for h in inputs.hidden]
-            block.to("meta")
-            progress = {"run": key, "blocks_done": i + 1, "n_blocks": n_blocks}
-            pending = writer.submit(_finish_block, work, shard_name(i, n_shards), tensors, activations, progress)
-            memory.trim()
-        if pending is not None:
-            pending.result()
-
-    _write_metadata(work, base_dir, config, recipe, weight_map, scale_dtype, plan.has_g_idx)
-    summary.seconds = time.perf_counter() - t0
-    return summary
+                pending.result()
 
 
 def _write_metadata(work: Path, base_dir: Path, config, recipe: Recipe, weight_map: dict, dtype, has_g_idx: bool) -> None:

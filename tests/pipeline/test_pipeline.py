@@ -172,6 +172,47 @@ def _calibration_file(folder: Path) -> Path:
     return path
 
 
+def test_resume_refuses_edited_calibration_text_or_base_files(tiny_recipe, tmp_path, monkeypatch):
+    """A partial run resumes only into the same job: an edited calibration file or a re-written base model (new
+    file times) is refused with a message, never resumed into mixed blocks; the original job still resumes."""
+    import shutil
+
+    from llmq.quantization import blockwise
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_recipe["model"], base)
+    calib = _calibration_file(tmp_path)
+    tiny_recipe.update(model=str(base), eval=None, method={"name": "gptq"},
+                       calibration={"data": str(calib), "n_samples": 4, "seqlen": 32, "batch_size": 2})
+    real_save, writes = blockwise._save_atomic, []
+
+    def save_then_fail(tensors, path):
+        writes.append(path.name)
+        if len(writes) == 3:  # the rest shard, block 0's shard, then block 1's: killed
+            raise RuntimeError("killed")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(blockwise, "_save_atomic", save_then_fail)
+    with pytest.raises(RuntimeError, match="killed"):
+        llmq.run(tiny_recipe)
+    monkeypatch.setattr(blockwise, "_save_atomic", real_save)
+    partial = llmq.io.partial_dir(Path(tiny_recipe["output"]["dir"]))
+    assert json.loads((partial / "llmq-progress.json").read_text())["blocks_done"] == 1
+
+    text = calib.read_text()
+    calib.write_text(text.replace("a", "o"))  # same recipe, other calibration tokens
+    with pytest.raises(LlmqError, match="different recipe, model or calibration data"):
+        llmq.run(tiny_recipe)
+    calib.write_text(text)
+    weights = base / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as after a re-download
+    with pytest.raises(LlmqError, match="different recipe, model or calibration data"):
+        llmq.run(tiny_recipe)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert llmq.run(tiny_recipe).report["quantization"]["resumed_at_block"] == 1
+
+
 def _saved_checkpoint(tiny_recipe) -> Path:
     tiny_recipe["eval"] = None
     return llmq.run(tiny_recipe).output_dir

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ...data import lambada_requests, wiki_articles
 from ...errors import BadInputError
 
 TASKS_DIR = Path(__file__).parent
@@ -57,14 +58,10 @@ def load(name: str, **_metadata):
     import datasets
 
     if name == "lambada":
-        from ...data import lambada_requests
-
         rows = lambada_requests()
         return datasets.DatasetDict({"test": datasets.Dataset.from_dict(
             {"context": [c for c, _ in rows], "continuation": [t for _, t in rows]})})
     if name == "wiki":
-        from ...data import wiki_articles
-
         return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"page": list(wiki_articles())})})
     if name.startswith("mmlu_"):
         splits = {s: f"{_MMLU}/{name.removeprefix('mmlu_')}/{s}" for s in ("dev", "validation", "test")}

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,87 @@ def trainable_state(model: nn.Module, keep: Callable[[str], bool]) -> dict[str, 
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if keep(k)}
 
 
+@dataclass
+class _Setup:
+    """One fine-tune's moving parts: the accelerator, the prepared student and optimizer, the teacher and the data."""
+
+    acc: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    teacher: nn.Module | None
+    windows: torch.Tensor
+    cfg: TrainingConfig
+
+    @property
+    def per_rank(self) -> int:
+        return self.cfg.batch_size // self.acc.num_processes
+
+    def micro_batches(self, step: int) -> list[torch.Tensor]:
+        rank, n = self.acc.process_index, self.per_rank
+        mine = step_windows(step, self.windows.shape[0], self.cfg.batch_size, self.cfg.seed)[rank * n : (rank + 1) * n]
+        return [self.windows[idx].to(self.acc.device) for idx in torch.split(torch.tensor(mine), self.cfg.micro_batch_size)]
+
+    def forward_backward(self, step: int) -> torch.Tensor:
+        """Gradients of one step accumulated over its micro-batches (synchronised once, on the last); the loss."""
+        norm = self.per_rank * (self.windows.shape[1] - 1)  # predicted tokens this process sees per step
+        total = torch.zeros((), device=self.acc.device)
+        batches = self.micro_batches(step)
+        for j, ids in enumerate(batches):
+            sync = j == len(batches) - 1
+            ctx = self.acc.no_sync(self.model) if not sync else nullcontext()
+            with ctx, self.acc.autocast():
+                loss = micro_loss(self.model, self.teacher, ids, self.cfg, norm)
+                self.acc.backward(loss)
+            total += loss.detach()
+        return total
+
+
+def _setup(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, cfg: TrainingConfig) -> _Setup:
+    from accelerate import Accelerator
+
+    mixed = "bf16" if cfg.autocast == "bf16" or (cfg.autocast == "auto" and torch.cuda.is_available()) else "no"
+    acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    if cfg.batch_size % (cfg.micro_batch_size * acc.num_processes):
+        raise LlmqError(
+            f"training.batch_size {cfg.batch_size} must be a multiple of micro_batch_size {cfg.micro_batch_size} "
+            f"x {acc.num_processes} processes"
+        )
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+        teacher.to(acc.device)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(0.9, 0.95), eps=1e-10)
+    model, optimizer = acc.prepare(student, optimizer)
+    return _Setup(acc, model, optimizer, teacher, windows, cfg)
+
+
+def _saved_state(state_path: Path | None, key: str) -> dict[str, Any] | None:
+    """The training state an interrupted run of this same key left, or None; another run's state is refused."""
+    if state_path is None or not state_path.is_file():
+        return None
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    if state.get("key") != key:
+        raise LlmqError(f"{state_path} holds the training state of a different recipe or model; remove it to start over")
+    return state
+
+
+def _restore(run: _Setup, state: dict[str, Any], scheduler, stats: TrainStats, keep_in_state, state_path: Path) -> int:
+    """Load a saved state into the model, optimizer, scheduler and stats; returns the step to continue at."""
+    unwrapped = run.acc.unwrap_model(run.model)
+    absent = [k for k in unwrapped.state_dict() if keep_in_state(k) and k not in state["model"]]
+    unexpected = unwrapped.load_state_dict(state["model"], strict=False).unexpected_keys
+    if unexpected or absent:
+        raise LlmqError(f"{state_path} does not fit this model ({(unexpected or absent)[0]}); remove it to start over")
+    run.optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stats.resumed_at_step = int(state["step"])
+    stats.losses = list(state["losses"])
+    logger.info(f"resuming QAT at step {stats.resumed_at_step} of {stats.steps} from {state_path}")
+    return stats.resumed_at_step
+
+
 def fine_tune(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -128,76 +210,26 @@ def fine_tune(
 ) -> TrainStats:
     """Train `student` in place on token windows [n, seqlen]; returns what ran.
 
-    `key` identifies the run (recipe and base model): a saved state with another key is refused, never reused.
+    `key` identifies the run (recipe, base model, data): a saved state with another key is refused, never reused.
     `deadline` (a time.perf_counter() value) turns a `budget.minutes` recipe into a step count, after timing a
     step; that count is saved with the state, so a resumed run stops where an uninterrupted one would.
     `stop_after` ends this invocation after that many steps in all (tests of resume use it to simulate a kill).
     """
-    from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
     from transformers import get_cosine_schedule_with_warmup
 
-    mixed = "bf16" if cfg.autocast == "bf16" or (cfg.autocast == "auto" and torch.cuda.is_available()) else "no"
-    acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
-    world, rank = acc.num_processes, acc.process_index
-    if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise LlmqError(
-            f"training.batch_size {cfg.batch_size} must be a multiple of micro_batch_size {cfg.micro_batch_size} "
-            f"x {world} processes"
-        )
-    n_windows, seqlen = windows.shape
-    per_rank = cfg.batch_size // world
-    norm = per_rank * (seqlen - 1)  # predicted tokens this process sees per step
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student.train()
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-        teacher.to(acc.device)
-    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(0.9, 0.95), eps=1e-10)
-    model, optimizer = acc.prepare(student, optimizer)
-
-    def micro_batches(step: int) -> list[torch.Tensor]:
-        mine = step_windows(step, n_windows, cfg.batch_size, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
-        return [windows[idx].to(acc.device) for idx in torch.split(torch.tensor(mine), cfg.micro_batch_size)]
-
-    def forward_backward(step: int) -> torch.Tensor:
-        total = torch.zeros((), device=acc.device)
-        batches = micro_batches(step)
-        for j, ids in enumerate(batches):
-            sync = j == len(batches) - 1
-            ctx = acc.no_sync(model) if not sync else nullcontext()
-            with ctx, acc.autocast():
-                loss = micro_loss(model, teacher, ids, cfg, norm)
-                acc.backward(loss)
-            total += loss.detach()
-        return total
-
-    state = None
-    if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state.get("key") != key:
-            raise LlmqError(f"{state_path} holds the training state of a different recipe or model; remove it to start over")
+    run = _setup(student, teacher, windows, cfg)
+    acc, model, optimizer = run.acc, run.model, run.optimizer
+    seqlen = windows.shape[1]
+    state = _saved_state(state_path, key)
     if state is not None:
         total_steps = int(state["total_steps"])
     else:
-        total_steps = _budget_steps(cfg, seqlen, deadline, lambda: forward_backward(0), model)
+        total_steps = _budget_steps(cfg, seqlen, deadline, lambda: run.forward_backward(0), model)
         total_steps = broadcast_object_list([total_steps])[0]
-    warmup = int(cfg.warmup * total_steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    stats = TrainStats(steps=total_steps, batch_tokens=cfg.batch_size * seqlen, processes=world)
-    start = 0
-    if state is not None:
-        unwrapped = acc.unwrap_model(model)
-        absent = [k for k in unwrapped.state_dict() if keep_in_state(k) and k not in state["model"]]
-        unexpected = unwrapped.load_state_dict(state["model"], strict=False).unexpected_keys
-        if unexpected or absent:
-            raise LlmqError(f"{state_path} does not fit this model ({(unexpected or absent)[0]}); remove it to start over")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = stats.resumed_at_step = int(state["step"])
-        stats.losses = list(state["losses"])
-        logger.info(f"resuming QAT at step {start} of {total_steps} from {state_path}")
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * total_steps), total_steps)
+    stats = TrainStats(steps=total_steps, batch_tokens=cfg.batch_size * seqlen, processes=acc.num_processes)
+    start = 0 if state is None else _restore(run, state, scheduler, stats, keep_in_state, state_path)
 
     def checkpoint(step: int) -> None:
         if state_path is not None and acc.is_main_process:
@@ -211,7 +243,7 @@ def fine_tune(
     t0 = time.perf_counter()
     bar = tqdm(range(start, total_steps), desc="qat", unit="step", initial=start, total=total_steps, disable=not acc.is_local_main_process)
     for step in bar:
-        loss = forward_backward(step)
+        loss = run.forward_backward(step)
         if cfg.max_grad_norm is not None:
             acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -219,8 +251,7 @@ def fine_tune(
         optimizer.zero_grad(set_to_none=True)
         mean_loss = acc.reduce(loss, reduction="mean").item()
         stats.losses.append(mean_loss)
-        ran = step + 1 - start
-        bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{ran * stats.batch_tokens / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{(step + 1 - start) * stats.batch_tokens / (time.perf_counter() - t0):.0f}")
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == total_steps:
             checkpoint(done)
