@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "eval" / "results"
+RESULTS = ROOT / "benchmarks" / "results"
 BASE = "smollm2-135m"
 ROWS = {"w4g64": "quickstart.yaml", "w8": "w8-per-channel.yaml"}  # row -> recipe (RTN)
 

@@ -61,7 +61,7 @@ def nf4(out: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default=str(ROOT / "eval" / "results" / "store.jsonl"))
+    p.add_argument("--store", default=str(ROOT / "benchmarks" / "results" / "store.jsonl"))
     p.add_argument("--out", default=str(ROOT / "out" / "leaderboard"))
     p.add_argument("--full", default="leaderboard-cpu", help="the suite for the base and the best 4-bit row")
     p.add_argument("--skip-full", action="store_true")
@@ -79,7 +79,7 @@ def main() -> None:
         t = time.perf_counter()
         runs[name] = evaluate_suite(spec, quick, store, name=name, base=None if name == BASE else BASE)
         print(f"== {name}: quick suite {time.perf_counter() - t:.0f} s wall ({len(runs[name].served)} results from the store)")
-    leaderboard.build(store.path, "quick", ROOT / "eval" / "leaderboard" / "quick")
+    leaderboard.build(store.path, "quick", ROOT / "benchmarks" / "leaderboard" / "quick")
     if args.skip_full:
         return
     board, _ = leaderboard.collect(store.records(), "quick")
@@ -89,7 +89,7 @@ def main() -> None:
         t = time.perf_counter()
         run = evaluate_suite(rows[name], full, store, name=name, base=None if name == BASE else BASE)
         print(f"== {name}: {full.name} suite {time.perf_counter() - t:.0f} s wall ({len(run.served)} results from the store)")
-    leaderboard.build(store.path, full.name, ROOT / "eval" / "leaderboard" / full.name)
+    leaderboard.build(store.path, full.name, ROOT / "benchmarks" / "leaderboard" / full.name)
 
 
 if __name__ == "__main__":

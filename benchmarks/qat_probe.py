@@ -14,8 +14,8 @@ import torch
 
 from llmq import data, loading
 from llmq.evaluation.perplexity import perplexity
-from llmq.methods import qat
 from llmq.model.resolve import resolve
+from llmq.quantization import qat
 from llmq.recipe import Recipe
 
 base = resolve("smollm2-135m")

@@ -21,7 +21,7 @@ from llmq.recipe import Recipe
 
 RECIPES = ["qat-w4g64", "qat-w3g64", "qat-w3g64-rtn", "qat-w4g64-rtn", "qat-w2g32", "qat-w2g32-4x"]
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "eval" / "results"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def run_one(path: Path, base: dict | None) -> dict:

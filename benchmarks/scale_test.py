@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quantize_only import RssSampler, rss_bytes  # noqa: E402
 
 import llmq  # noqa: E402
-from llmq.checkpoint.safetensors_io import INDEX
+from llmq.checkpoint.safetensors_io import INDEX  # noqa: E402
 from llmq.quantization import blockwise  # noqa: E402
 
 HIDDEN, INTERMEDIATE, VOCAB = 2048, 5632, 32000

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import kernels, numerics
 from .checkpoint.quant_linear import QuantLinear
-from .environment import default_device
+from .environment import DTYPES, default_device
 from .evaluation.checkpoint_info import describe_checkpoint
 from .io import write_json_atomic
 from .kernels import cpu
@@ -260,7 +260,7 @@ def bench_generate(
     for label, spec in specs:
         for dt in dtypes:
             logger.info(f"loading {spec} in {dt}")
-            model = load_model(resolve(spec), dtype=getattr(torch, dt)).to(dev)
+            model = load_model(resolve(spec), dtype=DTYPES[dt]).to(dev)
             loaded.append((f"{label} {dt}", spec, dt, model))
     vocab = loaded[0][3].config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(dev)

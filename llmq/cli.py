@@ -11,9 +11,12 @@ import logging
 import os
 import sys
 
+from .environment import DTYPES
 from .errors import BadInputError, LlmqError
 from .formats import EXPORT_FORMATS
 from .numerics import SUPPORTED_BITS
+
+STORE_HELP = "results store file (default: $LLMQ_RESULTS, else results.jsonl in $LLMQ_CACHE, default ~/.cache/llmq)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,7 +107,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--limit", type=int, help="documents per task (per subject for MMLU), replacing the suite's limits")
     ev.add_argument("--word-perplexity", action="store_true",
                     help="also run lm-eval's word perplexity on the wiki articles (task llmq_wikitext; not the protocol's perplexity)")
-    ev.add_argument("--store", help="results store file (default: $LLMQ_RESULTS or ~/.cache/llmq/results.jsonl)")
+    ev.add_argument("--store", help=STORE_HELP)
     ev.add_argument("--name", help="the row's name in tables (default: the folder name or alias)")
     ev.add_argument("--base", help="the base model this checkpoint was made from, for recovery (llmq checkpoints know it)")
     ev.add_argument("--batch-size", type=int, help="lm-eval batch size (default: chosen automatically)")
@@ -116,7 +119,7 @@ def _add_leaderboard(sub) -> None:
                                     "average accuracy vs size on disk with the Pareto front) from the results of one suite.",
                         epilog="Example: llmq leaderboard --store benchmarks/results/store.jsonl --suite quick --out benchmarks/leaderboard")
     lb.add_argument("--suite", default="quick", help="which suite's results to draw. Default: quick")
-    lb.add_argument("--store", help="results store file (default: $LLMQ_RESULTS or ~/.cache/llmq/results.jsonl)")
+    lb.add_argument("--store", help=STORE_HELP)
     lb.add_argument("--out", default="leaderboard", help="output folder (leaderboard.md, leaderboard.html, *.png). Default: leaderboard")
 
 
@@ -143,7 +146,7 @@ def _add_bench(sub) -> None:
                          epilog="Example: llmq bench generate out/w4g64-sym --json benchmarks/results/generate-w4.json")
     bg.add_argument("checkpoint", help="a checkpoint folder or alias")
     bg.add_argument("--base", help="the full-precision model to compare with (default: the recipe's model, when known)")
-    bg.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"],
+    bg.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES),
                     help="activation dtypes to run each model in. Default: float32 bfloat16")
     bg.add_argument("--prompt-tokens", type=int, default=128, help="prompt length. Default: 128")
     bg.add_argument("--new-tokens", type=int, default=64, help="tokens to decode. Default: 64")

@@ -1,6 +1,6 @@
 """What this process runs on and where llmq keeps things, decided in one place.
 
-- `default_device()`: CUDA when torch sees a GPU, else the CPU (every "where does this run" default).
+- `gpu_available()` / `default_device()`: CUDA when torch sees a GPU, else the CPU (every "where does this run" default).
 - `DTYPES` / `dtype_of_config`: the floating dtypes llmq writes, by the names recipes and config.json use.
 - `cache_dir()`: `$LLMQ_CACHE`, default `~/.cache/llmq` (converted GGUF models, imported checkpoints, the results
   store).
@@ -18,8 +18,13 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def gpu_available() -> bool:
+    return torch.cuda.is_available()
+
+
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where llmq runs when not told: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if gpu_available() else "cpu")
 
 
 def dtype_of_config(config: dict[str, Any]) -> torch.dtype:
@@ -49,4 +54,4 @@ def is_main_process() -> bool:
         return True
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    return PartialState(cpu=not gpu_available()).is_main_process

@@ -38,8 +38,7 @@ def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: 
                     scheme=scheme_words(qc.get("bits"), qc.get("group_size"), qc.get("sym"), short=True))
     elif found.kind == "bitsandbytes":
         fmt = qc.get("bnb_4bit_quant_type", "nf4") if qc.get("load_in_4bit") else "int8"
-        info.update(method="bitsandbytes", scheme=scheme_words(None, None, None, format=fmt, short=True),
-                    bits=4 if qc.get("load_in_4bit") else 8)
+        info.update(method="bitsandbytes", scheme=fmt, bits=4 if qc.get("load_in_4bit") else 8)
     elif found.kind == "compressed-tensors":
         weights, _ = formats.ct_weight_args(qc)
         info.update(method=found.kind, scheme=found.label, bits=(weights or {}).get("num_bits"))

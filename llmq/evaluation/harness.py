@@ -3,7 +3,7 @@
 Why it exists: every evaluation in llmq (``llmq eval``, a recipe's ``eval.suite``) goes through these few calls, so
 that a number in a report, the results store and the leaderboard always comes from the same lm-eval call with
 the same seeds. The model is wrapped with ``HFLM(pretrained=model)`` (so llmq, GPTQ, compressed-tensors and
-bitsandbytes checkpoints are scored as ``from_pretrained`` built them); tasks come from ``llmq/tasks`` (plus any
+bitsandbytes checkpoints are scored as ``from_pretrained`` built them); tasks come from ``llmq/evaluation/tasks`` (plus any
 include path a suite names) through a TaskManager built without lm-eval's default index (no hub, no 20 s scan).
 
 Data parallel: under ``accelerate launch`` each process holds the model, and lm-eval's own data-parallel path
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..environment import world_size
+from ..environment import gpu_available, world_size
 from ..errors import BadInputError
 from .tasks import TASKS_DIR
 
@@ -107,13 +107,13 @@ def wrap(model: torch.nn.Module, tokenizer, batch_size: int | str | None = None,
     import os
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about model objects are about us, and known
-    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu" and not _is_bitsandbytes(model):
+    if gpu_available() and next(model.parameters()).device.type == "cpu" and not _is_bitsandbytes(model):
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")  # HFLM keeps a model object where it is
     lm = _hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or AUTO_BATCH)
     if data_parallel and world_size() > 1:
         from accelerate import Accelerator
 
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        accelerator = Accelerator(cpu=not gpu_available())
         lm.accelerator, lm._rank, lm._world_size = accelerator, accelerator.process_index, accelerator.num_processes
     return lm
 

@@ -413,7 +413,7 @@ def _sm_count(index: int) -> int:
 
 def _default_split_k(n: int, k: int, device: torch.device) -> int:
     """K splits for the decode grid: about eight programs per SM (measured on an H100: 4-16 splits beat fewer on the
-    issue's shapes; eval/results/gpu_h100/splitk.json), with at least 512
+    issue's shapes; benchmarks/results/gpu_h100/splitk.json), with at least 512
     input columns per split so each program streams a worthwhile run of weight. 1 under the interpreter, where
     parallelism buys nothing."""
     if INTERPRET or device.type != "cuda":

@@ -71,5 +71,6 @@ def eval_suite(recipe: Recipe) -> suites.Suite | None:
 def scheme_label(recipe: Recipe) -> str:
     """The recipe's scheme in words, with its clipping for the integer grid: what `llmq run` and `validate` print."""
     s = recipe.scheme
-    words = scheme_words(s.bits, s.group_size, s.symmetric, s.format)
-    return words if s.format in BNB_FORMATS else f"{words}, clip={recipe.method.clip}"
+    if s.format in BNB_FORMATS:
+        return scheme_words(s.bits, s.group_size, s.symmetric, s.format)
+    return f"{scheme_words(s.bits, s.group_size, s.symmetric, short=True)}, clip={recipe.method.clip}"

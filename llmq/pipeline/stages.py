@@ -131,7 +131,6 @@ def run(
 
 def prepare(recipe: Recipe, output_dir: str | Path | None, overwrite: bool, resume: bool) -> Job:
     """Every check on the recipe, the output folder and the model's shapes; then the token windows."""
-    t = time.perf_counter()
     out = Path(output_dir) if output_dir is not None else recipe.output_dir
     check_output_free(out, overwrite)
     work = partial_dir(out)
@@ -144,6 +143,7 @@ def prepare(recipe: Recipe, output_dir: str | Path | None, overwrite: bool, resu
         if recipe.method.name == "rtn" and work.is_dir() and any(work.iterdir()):  # nothing to resume: say so, keep it
             raise BadInputError(f"{work} holds an interrupted run for {str(out)!r}, and {scheme_label(recipe)} with rtn "
                                 "does not resume; remove that folder (or pick another output) to start afresh")
+    t = time.perf_counter()
     base_dir = resolve(recipe.model)
     targeted = list(check_model_shapes(recipe, base_dir))
     tokenizer = load_tokenizer(base_dir)

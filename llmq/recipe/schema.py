@@ -237,7 +237,7 @@ class EvalConfig(PerplexityConfig):
     baseline: bool = True  # evaluate the full-precision model too
     suite: str | None = None  # an eval suite by name (quick, leaderboard) or path; None: perplexity only
     limit: int | None = Field(None, ge=1)  # replaces every suite task's limit
-    store: str | None = None  # results store file (default: $LLMQ_RESULTS or ~/.cache/llmq/results.jsonl)
+    store: str | None = None  # results store file (default: $LLMQ_RESULTS, else results.jsonl in $LLMQ_CACHE, default ~/.cache/llmq)
     thresholds: Thresholds | None = None
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""Data specs -> text -> token windows (llmq/data.py). A fake whitespace tokenizer keeps these fast."""
+"""Data specs -> text -> token windows (llmq/data/). A fake whitespace tokenizer keeps these fast."""
 
 from __future__ import annotations
 

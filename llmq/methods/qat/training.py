@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...environment import gpu_available
 from ...errors import LlmqError
 from ...io import torch_save_atomic
 from ...recipe import TrainingConfig
@@ -153,8 +154,8 @@ class _Setup:
 def _setup(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, cfg: TrainingConfig) -> _Setup:
     from accelerate import Accelerator
 
-    mixed = "bf16" if cfg.autocast == "bf16" or (cfg.autocast == "auto" and torch.cuda.is_available()) else "no"
-    acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    mixed = "bf16" if cfg.autocast == "bf16" or (cfg.autocast == "auto" and gpu_available()) else "no"
+    acc = Accelerator(mixed_precision=mixed, cpu=not gpu_available())
     if cfg.batch_size % (cfg.micro_batch_size * acc.num_processes):
         raise LlmqError(
             f"training.batch_size {cfg.batch_size} must be a multiple of micro_batch_size {cfg.micro_batch_size} "
