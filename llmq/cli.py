@@ -7,6 +7,7 @@ failed (eval.thresholds), 1 any other failure, 130 interrupted. Set LLMQ_DEBUG=1
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -276,11 +277,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmq: interrupted (no partial checkpoint was left in place)", file=sys.stderr)
         return 130
-    except Exception as e:  # last resort: still one line, traceback on request
-        if os.environ.get("LLMQ_DEBUG"):
-            raise
-        print(f"llmq: failed: {type(e).__name__}: {e} (set LLMQ_DEBUG=1 for the traceback)", file=sys.stderr)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            return _unexpected(e)
+        print(f"llmq: failed: no space left on device while writing {e.filename or 'the output'}; nothing was put in "
+              "place (an earlier output, if any, is intact)", file=sys.stderr)
         return 1
+    except Exception as e:
+        return _unexpected(e)
+
+
+def _unexpected(e: Exception) -> int:
+    """The last resort: still one line, the traceback on request."""
+    if os.environ.get("LLMQ_DEBUG"):
+        raise e
+    print(f"llmq: failed: {type(e).__name__}: {e} (set LLMQ_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

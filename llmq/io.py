@@ -1,11 +1,14 @@
-"""Writing folders so that a crash or Ctrl-C never leaves something that looks like a finished checkpoint.
+"""Writing files and folders so that a crash or Ctrl-C never leaves something that looks like a finished checkpoint.
 
-Everything is written into a hidden temporary folder next to the target and renamed into place only once
-complete; a failure removes the temporary folder. An existing target is never replaced unless asked.
+Everything is written into a hidden temporary file or folder next to the target and renamed into place only once
+complete; a failure removes the temporary folder. An existing target is never replaced unless asked, and two runs
+never write one output at once (`output_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -64,6 +67,35 @@ def partial_dir(target: Path) -> Path:
     """Where a resumable job writing `target` keeps its unfinished work (hidden; never a loadable checkpoint
     because config.json is only written once the work is complete)."""
     return Path(target).parent / f".{Path(target).name}.partial"
+
+
+@contextmanager
+def output_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on writing `target` (a hidden `.NAME.lock` file beside it, there only while held); a
+    second writer of the same output is refused at once rather than mixing its work into the first one's."""
+    target = Path(target)
+    made_parent = not target.parent.exists()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}.lock"
+    f = lock.open("a")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = lock.exists() and os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino  # not a file just removed
+        except BlockingIOError:
+            held = False
+        if not held:
+            raise BadInputError(f"another llmq run is writing {str(target)!r} (it holds {lock}); wait for it to end or "
+                                "choose another output")
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # while still holding it: a later writer makes a new file
+    finally:
+        f.close()
+        if made_parent:
+            with contextlib.suppress(OSError):
+                target.parent.rmdir()  # only if nothing was written there
 
 
 @contextmanager

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import xml.etree.ElementTree as ET
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def _package_file(spec: str, package: str, relative: str, pip: str) -> Path:
 
 def _file_text(spec: str) -> str:
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise BadInputError(f"data spec {spec!r} is a folder, not a file (expected a .txt, .jsonl or .jsonl.gz file)")
     if not path.is_file():
         raise BadInputError(f"data spec {spec!r}: file not found (expected an existing .txt, .jsonl or .jsonl.gz file)")
     try:
@@ -84,7 +87,7 @@ def _file_text(spec: str) -> str:
             opener = gzip.open if spec.lower().endswith(".gz") else open
             with opener(path, "rt", encoding="utf-8") as f:
                 text = "\n\n".join(_jsonl_texts(spec, f))
-    except (UnicodeDecodeError, OSError, EOFError) as e:  # bad utf-8, corrupt gzip, unreadable file
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as e:  # bad utf-8, corrupt gzip, unreadable file
         raise BadInputError(f"data spec {spec!r}: cannot read it as utf-8 text ({type(e).__name__}: {e})") from None
     if not text.strip():
         raise BadInputError(f"data spec {spec!r}: the file has no text")

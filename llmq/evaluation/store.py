@@ -12,7 +12,8 @@ Each line is one record: a result, or a checkpoint description (``"description":
 the checkpoint in tables). A result has the key fields, the scores (`metrics`, with standard errors), the
 documents scored, the seconds it took, when, and a description of the checkpoint (name, kind, method, scheme,
 bits, size on disk, base model) so a table can be drawn without the checkpoint at hand. Appends are single `write` calls of whole lines
-under an exclusive lock; a torn last line (a crash mid-write) is skipped with a warning, never fatal.
+under an exclusive lock, each starting on a fresh line; a line that is not a readable JSON object (a crash
+mid-write, bad bytes) is skipped with a warning naming its line, never fatal.
 
 Deliberately not here: evaluating (suite_run.py), drawing tables (reporting/leaderboard.py).
 """
@@ -80,14 +81,19 @@ class ResultsStore:
         if not self.path.is_file():
             return []
         out = []
-        with self.path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
+        with self.path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    warnings.warn(f"{self.path}:{n}: unreadable record skipped (torn write?)", stacklevel=2)
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    record = None
+                if isinstance(record, dict):
+                    out.append(record)
+                else:  # a torn write, a foreign line, a JSON value that is not a record: skipped, never fatal
+                    warnings.warn(f"{self.path}:{n}: unreadable record skipped (torn write or not a JSON object)",
+                                  stacklevel=2)
         return out
 
     def results(self) -> list[dict[str, Any]]:
@@ -126,9 +132,13 @@ class ResultsStore:
     def _append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(record, sort_keys=False) + "\n").encode("utf-8")
-        with self.path.open("ab") as f:
+        with self.path.open("a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
+                if f.seek(0, os.SEEK_END) > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":  # a writer died mid-line: start ours on a fresh line, keep both
+                        line = b"\n" + line
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from ..errors import BadInputError
-from ..recipe import PerplexityConfig, Strict, first_error
+from ..recipe import PerplexityConfig, Strict, first_error, load_yaml
 from .harness import check_tasks as check_task_names
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"  # package data: a wheel carries it too
@@ -73,10 +72,7 @@ def load(spec: str, check_tasks: bool = True) -> Suite:
         if not path.is_file():
             raise BadInputError(f"suite {spec!r} not found: expected one of {', '.join(available()) or '(none installed)'} "
                                 "or a path to a suite .yaml file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise BadInputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = load_yaml(path, "suite")
     if not isinstance(raw, dict):
         raise BadInputError(f"{path}: expected a mapping with name, tasks, perplexity")
     try:

@@ -61,8 +61,6 @@ def evaluate_suite(
     # collective scoring ends, so all processes agree on what is missing.
     stored = store.get_many([key for _, key, _ in plan])
     plan = [(label, key, t, found) for (label, key, t), found in zip(plan, stored, strict=True)]
-    if main:
-        store.describe(digest, info)
     lm = None
     for label, key, t, stored in plan:
         if stored is not None:
@@ -94,4 +92,6 @@ def evaluate_suite(
             raise BadInputError(f"suite {suite.name!r}, task {label}: metric {t.metric!r} is not one it reports "
                                 f"({', '.join(k for k in score.metrics if not k.endswith('_stderr'))})")
         run.records.append(store.put(key, score.metrics, score.samples, score.seconds, info, label=label, metric=t.metric))
+    if main and run.records:  # named only once something was scored: a checkpoint that fails to load leaves no trace
+        store.describe(digest, info)
     return run if main else None

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,7 @@ from ..evaluation.gate import check as check_gate
 from ..evaluation.perplexity import Perplexity, perplexity
 from ..evaluation.store import ResultsStore
 from ..evaluation.suite_run import evaluate_suite
-from ..formats import bitsandbytes as bnb_format
-from ..io import check_output_free, move_into_place, partial_dir
+from ..io import check_output_free, move_into_place, output_lock, partial_dir
 from ..loading import load_model, load_tokenizer
 from ..logs import as_text, shown_on
 from ..methods import needs_calibration
@@ -46,7 +46,7 @@ from ..quantization.blockwise import QuantizeSummary
 from ..recipe import BNB_FORMATS, Recipe
 from ..reporting import report
 from ..reporting.tables import layer_printer, run_table
-from .preflight import as_recipe, check_model_shapes, eval_suite, scheme_label
+from .preflight import as_recipe, check_model_shapes, eval_suite, scheme_label, validate
 
 logger = logging.getLogger("llmq.run")
 
@@ -115,9 +115,11 @@ def run(
     An interrupted run of the same recipe resumes by itself; `resume=True` insists on it (an error when there is
     nothing to resume). Non-main processes of a distributed QAT run train and return None. Messages go to the
     "llmq" logger, and also to `console` when one is given."""
-    with shown_on(console):
-        t_start = time.perf_counter()
-        job = prepare(as_recipe(recipe), output_dir, overwrite, resume)
+    t_start = time.perf_counter()
+    recipe = as_recipe(recipe)
+    out = Path(output_dir) if output_dir is not None else recipe.output_dir
+    with shown_on(console), (output_lock(out) if is_main_process() else nullcontext()):
+        job = prepare(recipe, out, overwrite, resume)
         if job.eval_windows is not None and job.recipe.eval.baseline and job.main:
             evaluate_base(job)
         done = quantize(job)
@@ -129,20 +131,19 @@ def run(
         return write_report(job, done, tasks)
 
 
-def prepare(recipe: Recipe, output_dir: str | Path | None, overwrite: bool, resume: bool) -> Job:
-    """Every check on the recipe, the output folder and the model's shapes; then the token windows."""
-    out = Path(output_dir) if output_dir is not None else recipe.output_dir
+def prepare(recipe: Recipe, out: Path, overwrite: bool, resume: bool) -> Job:
+    """Every check `llmq validate` makes, and those on the output folder, before any weight is read; then the token
+    windows."""
     check_output_free(out, overwrite)
+    validate(recipe, check_model=False)  # data specs, suite, thresholds: the model's shapes come next
     work = partial_dir(out)
     if resume and not (work.is_dir() and any(work.iterdir())):
         raise BadInputError(f"--resume: there is no interrupted run of {str(out)!r} to resume ({work} is missing or empty)")
     if world_size() > 1 and recipe.method.name != "qat":
         raise BadInputError(f"method {recipe.method.name} runs in one process; only qat trains on several (accelerate launch)")
-    if recipe.scheme.format in BNB_FORMATS:
-        bnb_format.require()
-        if recipe.method.name == "rtn" and work.is_dir() and any(work.iterdir()):  # nothing to resume: say so, keep it
-            raise BadInputError(f"{work} holds an interrupted run for {str(out)!r}, and {scheme_label(recipe)} with rtn "
-                                "does not resume; remove that folder (or pick another output) to start afresh")
+    if recipe.scheme.format in BNB_FORMATS and recipe.method.name == "rtn" and work.is_dir() and any(work.iterdir()):
+        raise BadInputError(f"{work} holds an interrupted run for {str(out)!r}, and {scheme_label(recipe)} with rtn "
+                            "does not resume; remove that folder (or pick another output) to start afresh")
     t = time.perf_counter()
     base_dir = resolve(recipe.model)
     targeted = list(check_model_shapes(recipe, base_dir))

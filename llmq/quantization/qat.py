@@ -105,7 +105,7 @@ def quantize_checkpoint(
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / training.STATE
-    if any(p.name != training.STATE for p in work.iterdir()):
+    if any(p.name not in (training.STATE, training.STATE_KEY) for p in work.iterdir()):
         raise LlmqError(f"{work} is not empty and holds no llmq QAT state; remove it to start over")
     model = load_model(base_dir, dtype=torch.float32)
     done = quantize_model(
@@ -118,5 +118,6 @@ def quantize_checkpoint(
                           has_g_idx=done.has_g_idx)
         model.save_pretrained(work)
         state_path.unlink(missing_ok=True)
+        training.state_key_path(state_path).unlink(missing_ok=True)
     summary.seconds = time.perf_counter() - t0 - done.init_eval_seconds
     return summary, done

@@ -1,8 +1,27 @@
-"""pydantic's validation errors as the one line a recipe's author reads: the key path and what was expected."""
+"""What a YAML author reads when their file is wrong: one line naming the file, or the key path and what was
+expected (pydantic's validation errors)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import yaml
 from pydantic import BaseModel, ValidationError
+
+from ..errors import BadInputError
+
+
+def load_yaml(path: Path, what: str) -> Any:
+    """A YAML file through the safe loader; anything that is not readable YAML is one BadInputError naming `path`."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise BadInputError(f"{path}: nested too deeply to be a {what}") from None
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
 def first_error(e: ValidationError, root: type[BaseModel]) -> str:

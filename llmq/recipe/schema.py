@@ -16,12 +16,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import BadInputError
 from ..numerics import SUPPORTED_BITS, Scheme
-from .messages import first_error
+from .messages import first_error, load_yaml
 from .presets import BNB_FORMATS, GPTQ_KEYS, METHOD_NAMES, PRESETS, QAT_KEYS
 from .targets import is_targeted
 
@@ -268,6 +267,15 @@ class Recipe(Strict):
     eval: EvalConfig | None = EvalConfig()
     output: OutputConfig = OutputConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        """A name names; it never places: out/<name> must stay inside out/ (output.dir and -o choose places)."""
+        if v is not None and (not v.strip() or v in (".", "..") or any(c in v for c in "/\\\0")):
+            raise ValueError("a recipe name is a plain name (no path separators, not '.' or '..'); choose the output "
+                             "folder with output.dir or -o")
+        return v
+
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
@@ -333,12 +341,11 @@ class Recipe(Strict):
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
         path = Path(path)
+        if path.is_dir():
+            raise BadInputError(f"recipe {str(path)!r} is a folder, not a recipe file (expected a .yaml file)")
         if not path.is_file():
             raise BadInputError(f"recipe file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise BadInputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        data = load_yaml(path, "recipe")
         recipe = cls.from_dict(data, source=str(path))
         if recipe.name is None:
             recipe = recipe.model_copy(update={"name": path.stem})

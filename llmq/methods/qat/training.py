@@ -20,6 +20,7 @@ evaluation. Only parameters with requires_grad train; everything else stays as i
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -36,12 +37,17 @@ from tqdm.auto import tqdm
 
 from ...environment import gpu_available
 from ...errors import LlmqError
-from ...io import torch_save_atomic
+from ...io import torch_save_atomic, write_json_atomic
 from ...recipe import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
-STATE = "llmq-qat-state.pt"
+STATE = "llmq-qat-state.pt"  # tensors, numbers, lists and dicts only: read with torch.load(weights_only=True)
+STATE_KEY = "llmq-qat-state.json"  # the run key and step, checked before the tensor file is opened
+
+
+def state_key_path(state_path: Path) -> Path:
+    return state_path.with_name(STATE_KEY)
 
 
 @dataclass
@@ -173,11 +179,24 @@ def _setup(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor,
 
 
 def _saved_state(state_path: Path | None, key: str) -> dict[str, Any] | None:
-    """The training state an interrupted run of this same key left, or None; another run's state is refused."""
+    """The training state an interrupted run of this same key left, or None; another run's state is refused. The key
+    is read from JSON first, and the tensor file is opened only with weights_only=True: a planted file in the
+    partial folder is refused, never unpickled into code."""
     if state_path is None or not state_path.is_file():
         return None
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
-    if state.get("key") != key:
+    key_path = state_key_path(state_path)
+    try:
+        saved = json.loads(key_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = None
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        raise LlmqError(f"{state_path} holds the training state of a different recipe or model (or no readable "
+                        f"{key_path.name}); remove it to start over")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types; all mean "not ours"
+        raise LlmqError(f"{state_path}: not a training state llmq wrote ({type(e).__name__}); remove it to start over") from None
+    if not isinstance(state, dict) or state.get("key") != key:
         raise LlmqError(f"{state_path} holds the training state of a different recipe or model; remove it to start over")
     return state
 
@@ -239,6 +258,7 @@ def fine_tune(
                 "model": trainable_state(acc.unwrap_model(model), keep_in_state),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             }, state_path)
+            write_json_atomic({"key": key, "step": step}, state_key_path(state_path))
         acc.wait_for_everyone()
 
     t0 = time.perf_counter()
