@@ -446,3 +446,34 @@ def test_a_full_disk_while_saving_keeps_the_earlier_output(tiny_recipe, monkeypa
     assert "no space left on device" in err and "earlier output" in err
     assert _files(first) == before
     monkeypatch.setattr(blockwise, "_save_atomic", real)
+
+
+# ------------------------------------------------------------------------- siblings: other files llmq reads back
+
+
+@pytest.mark.parametrize("text", [b"method: [\n", b"\xff\xfe", b"- a list\n", ("a: " + "[" * 5000).encode()])
+def test_a_damaged_recipe_yaml_in_a_checkpoint_only_loses_its_names(tmp_path, text):
+    from llmq.evaluation.checkpoint_info import describe_checkpoint
+
+    (tmp_path / "config.json").write_text(QUANTIZED_CONFIG)
+    (tmp_path / "recipe.yaml").write_bytes(text)
+    info = describe_checkpoint(str(tmp_path), tmp_path)
+    assert info["kind"] == "llmq" and info["method"] == "llmq" and info["base"] is None
+
+
+@pytest.mark.parametrize("text", [b"{torn", b"[1, 2]", b'{"recipe": "x"}', b"\xff"])
+def test_a_damaged_report_json_gives_an_export_card_without_provenance(tmp_path, text):
+    from llmq.reporting.cards import export_card
+
+    (tmp_path / "report.json").write_bytes(text)
+    card = export_card(tmp_path, "gptq v1", {"quant_method": "gptq"})
+    assert "no readable report.json, so its provenance is unknown" in card
+
+
+@pytest.mark.parametrize("text", [b"{torn", b"[]", b'{"run": "k"}', b'{"run": "k", "blocks_done": "1"}', b"\xff"])
+def test_a_damaged_progress_file_is_refused_with_a_message(tmp_path, text):
+    from llmq.quantization.resume import PROGRESS, blocks_done
+
+    (tmp_path / PROGRESS).write_bytes(text)
+    with pytest.raises(LlmqError, match="not a progress file llmq wrote"):
+        blocks_done(tmp_path, "k")

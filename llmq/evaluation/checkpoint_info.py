@@ -30,9 +30,13 @@ def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: 
     elif found.kind == "llmq":
         recipe_file = folder / "recipe.yaml"
         method = "llmq"
-        if recipe_file.is_file():
-            recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
-            method = str((recipe.get("method") or {}).get("name", method))
+        recipe = _saved_recipe(recipe_file) if recipe_file.is_file() else {}
+        if recipe:
+            method_section = recipe.get("method")
+            if isinstance(method_section, str):
+                method = method_section
+            elif isinstance(method_section, dict):
+                method = str(method_section.get("name", method))
             info["base"] = base or recipe.get("model")
         info.update(method=method, bits=qc.get("bits"),
                     scheme=scheme_words(qc.get("bits"), qc.get("group_size"), qc.get("sym"), short=True))
@@ -46,4 +50,13 @@ def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: 
         info.update(method=found.kind, scheme=found.label, bits=qc.get("bits"))
     info["size_bytes"] = weights_bytes(folder)
     return info
+
+
+def _saved_recipe(path: Path) -> dict[str, Any]:
+    """The recipe.yaml an llmq checkpoint carries, or {} when it is not a readable mapping (it only names things)."""
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, OSError):
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
 

@@ -36,7 +36,12 @@ def blocks_done(work: Path, key: str) -> int:
     work.mkdir(parents=True, exist_ok=True)
     progress_path = work / PROGRESS
     if progress_path.is_file():
-        progress = json.loads(progress_path.read_text())
+        try:
+            progress = json.loads(progress_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            progress = None
+        if not isinstance(progress, dict) or not isinstance(progress.get("blocks_done"), int):
+            raise LlmqError(f"{progress_path} is not a progress file llmq wrote; remove {work} to start over")
         if progress.get("run") != key:
             raise LlmqError(f"{work} holds an interrupted run of a different recipe, model or calibration data; "
                             "remove it to start over")

@@ -183,10 +183,10 @@ def export_card(src: Path, label: str, quantization_config: dict[str, Any]) -> s
     fmt = quantization_config["quant_method"]
     report_path = Path(src) / "report.json"
     how = [line.replace("FOLDER", "path/to/this/folder") for line in LOADERS[fmt]]
-    if not report_path.is_file():
+    report = _saved_report(report_path)
+    if report is None:
         return "\n".join([f"# {Path(src).name} as {label}", "", f"Exported by llmq from the llmq checkpoint `{Path(src).name}` "
-                          "(it has no report.json, so its provenance is unknown).", "", "## Loading", "", *how, ""])
-    report = json.loads(report_path.read_text())
+                          "(it has no readable report.json, so its provenance is unknown).", "", "## Loading", "", *how, ""])
     r, s = report["recipe"], report["recipe"]["scheme"]
     export_cmd = f"llmq export {report['output_dir']} OUT --format {fmt}" + (
         " --gptq-version 2" if quantization_config.get("checkpoint_format") == "gptq_v2" else "")
@@ -213,6 +213,16 @@ def export_card(src: Path, label: str, quantization_config: dict[str, Any]) -> s
         *_reproduce_lines(report, then=export_cmd),
     ]
     return "\n".join(lines)
+
+
+def _saved_report(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's report.json when it is one llmq wrote (a JSON object with a recipe), else None."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(report, dict) and isinstance(report.get("recipe"), dict) and report.get("report_version") is not None
+    return report if ok else None
 
 
 def import_card(src: Path, found) -> str:
