@@ -277,14 +277,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmq: interrupted (no partial checkpoint was left in place)", file=sys.stderr)
         return 130
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            return _unexpected(e)
-        print(f"llmq: failed: no space left on device while writing {e.filename or 'the output'}; nothing was put in "
-              "place (an earlier output, if any, is intact)", file=sys.stderr)
-        return 1
     except Exception as e:
+        if _disk_full(e):
+            print(f"llmq: failed: no space left on device ({getattr(e, 'filename', None) or e}); outputs are renamed into "
+                  "place only when whole, so nothing half-written was left in place and an earlier output is replaced "
+                  "only by a complete new one", file=sys.stderr)
+            return 1
         return _unexpected(e)
+
+
+def _disk_full(e: Exception) -> bool:
+    """A full disk, as Python (OSError ENOSPC), torch.save (RuntimeError) and safetensors (SafetensorError) say it."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "os error 28" in text
 
 
 def _unexpected(e: Exception) -> int:

@@ -23,20 +23,32 @@ import torch
 from .errors import BadInputError
 
 
+@contextmanager
+def removed_on_failure(tmp: Path) -> Iterator[None]:
+    """A temporary file that a failure (an error, a full disk, Ctrl-C) removes, so no half-written file lingers."""
+    try:
+        yield
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write a text file through a hidden temporary file and a rename: readers see the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with removed_on_failure(tmp):
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
     return path
 
 
 def torch_save_atomic(obj: Any, path: Path) -> None:
     """torch.save through a temporary file and a rename: internal resume files (activations, training state)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with removed_on_failure(tmp):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
@@ -74,28 +86,35 @@ def output_lock(target: Path) -> Iterator[None]:
     """Hold an exclusive lock on writing `target` (a hidden `.NAME.lock` file beside it, there only while held); a
     second writer of the same output is refused at once rather than mixing its work into the first one's."""
     target = Path(target)
-    made_parent = not target.parent.exists()
+    made = [p for p in [target.parent, *target.parent.parents] if not p.exists()]  # folders this call creates
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.parent / f".{target.name}.lock"
-    f = lock.open("a")
     try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = lock.exists() and os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino  # not a file just removed
-        except BlockingIOError:
-            held = False
-        if not held:
-            raise BadInputError(f"another llmq run is writing {str(target)!r} (it holds {lock}); wait for it to end or "
-                                "choose another output")
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)  # while still holding it: a later writer makes a new file
+        with _held(lock, target):
+            try:
+                yield
+            finally:
+                lock.unlink(missing_ok=True)  # while still holding it: a later writer makes a new file
     finally:
-        f.close()
-        if made_parent:
+        for folder in made:  # deepest first; only what is still empty (nothing was written there)
             with contextlib.suppress(OSError):
-                target.parent.rmdir()  # only if nothing was written there
+                folder.rmdir()
+
+
+@contextmanager
+def _held(lock: Path, target: Path) -> Iterator[None]:
+    """flock on `lock`, retried when the file was replaced under us (its last holder removes it as it ends)."""
+    for _ in range(5):
+        with lock.open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BadInputError(f"another llmq run is writing {str(target)!r} (it holds {lock}); wait for it to end "
+                                    "or choose another output") from None
+            if lock.exists() and os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                yield
+                return
+    raise BadInputError(f"{lock}: could not take the lock on {str(target)!r} (it keeps being replaced)")
 
 
 @contextmanager

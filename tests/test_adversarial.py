@@ -1,15 +1,14 @@
 """Bad input, as a careful new user and as an attacker would try it: the catalogue.
 
 Each entry is data: what is given to `llmq` (a recipe edit, a file, a folder, a command line), the exit code it must
-get, a fragment of the one line it must print, and what must hold on disk afterwards: nothing written ("nothing"),
-or an earlier output untouched ("intact"). Every entry runs the real CLI in this process on the tiny model; none of
-them may read a weight, so each fails in a few seconds. The results store, planted files and interrupted or
+get and a fragment of the one line it must print. Afterwards every file and folder must be as it was: nothing
+written, an earlier output untouched. Every entry runs the real CLI in this process on the tiny model, with model
+loading made to fail: none of them may read a weight, so each fails in a few seconds. The results store, planted files and interrupted or
 concurrent runs follow the catalogue as tests of their own.
 """
 
 from __future__ import annotations
 
-import errno
 import gzip
 import json
 import multiprocessing
@@ -36,7 +35,6 @@ class Case:
     make: Callable[[Path, dict], list[str]]  # (input folder, a valid tiny recipe) -> the command line after `llmq`
     exit: int
     says: str
-    leaves: str = "nothing"  # "nothing": no file written; "intact": the existing output folder unchanged
 
 
 def _recipe(folder: Path, recipe: dict, name: str = "r.yaml") -> str:
@@ -161,6 +159,18 @@ def command(*argv: str, files: dict[str, bytes | None] | None = None) -> Callabl
     return make
 
 
+def _escaping_index(folder: Path, recipe: dict) -> list[str]:
+    """A GPTQ-looking checkpoint whose index names a shard outside its folder, given to `llmq import`."""
+    q = folder / "q"
+    q.mkdir()
+    config = json.loads((Path(recipe["model"]) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True}
+    (q / "config.json").write_text(json.dumps(config))
+    (q / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.layers.0.mlp.up_proj.qweight": "../../outside.safetensors"}}))
+    return ["import", str(q), str(folder / "out")]
+
+
 DEEP_YAML = "a: " + "[" * 5000 + "]" * 5000
 QUANTIZED_CONFIG = json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "llmq", "bits": 4}})
 
@@ -206,7 +216,10 @@ CATALOGUE = [
     Case("name climbs out of out/", run_with(name="../../x", output=None), 2, "a recipe name is a plain name"),
     Case("name with a separator", run_with(name="a/b", output=None), 2, "a recipe name is a plain name"),
     Case("name is ..", run_with(name="..", output=None), 2, "a recipe name is a plain name"),
-    Case("existing output without --overwrite", existing_output(run_with()), 2, "already exists", "intact"),
+    Case("name starts with a dot", run_with(name=".x", output=None), 2, "a recipe name is a plain name"),
+    Case("recipe file named ..yaml, no name", command("run", "{in}/..yaml", files={"..yaml": b"model: m\n"}), 2,
+         "a recipe name is a plain name"),
+    Case("existing output without --overwrite", existing_output(run_with()), 2, "already exists"),
     Case("--resume with nothing to resume", lambda f, r: [*run_with()(f, r), "--resume"], 2, "there is no interrupted run"),
     # ------------------------------------------------------------------ recipe file itself
     Case("recipe is a list", run_text("- model: x\n"), 2, "expected a mapping"),
@@ -266,22 +279,30 @@ CATALOGUE = [
          "unreadable quantization_config"),
     Case("inspect a folder without config", command("inspect", "{in}/empty", files={"empty": None}), 2,
          "no config.json"),
+    Case("inspect a config that is a JSON list", command("inspect", "{in}/m", files={"m/config.json": b"[]"}), 2,
+         "expected a JSON object"),
+    Case("inspect a config nested too deeply", command("inspect", "{in}/m", files={
+        "m/config.json": b"[" * 100000 + b"]" * 100000}), 2, "nested too deeply"),
+    Case("import compressed-tensors groups that are a list", command("import", "{in}/q", "{in}/out", files={
+        "q/config.json": json.dumps({"quantization_config": {"quant_method": "compressed-tensors",
+                                                             "config_groups": [1]}}).encode()}), 2,
+         "config_groups is not a mapping"),
     Case("inspect a config that is not JSON", command("inspect", "{in}/m", files={"m/config.json": b"\xff{"}), 2,
          "not valid JSON"),
     Case("eval an unknown suite", command("eval", "{model}", "--suite", "no-such-suite"), 2, "not found"),
     Case("eval a missing checkpoint", command("eval", "{in}/missing", "--suite", "quick", "--limit", "1"), 2,
          "does not exist"),
-    Case("llmq checkpoint without weights", command("eval", "{in}/q", "--suite", "{in}/s.yaml", files={
-        "q/config.json": QUANTIZED_CONFIG.encode(), "s.yaml": b"name: s\nperplexity: {data: wiki, seqlen: 16}\n"}), 1,
-         "safetensors"),
+    Case("model index with a shard outside the folder", lambda f, r: _escaping_index(f, r), 1,
+         "shards are .safetensors files in the checkpoint's own folder"),
     Case("leaderboard of an empty store", command("leaderboard", "--store", "{in}/store.jsonl", "--out", "{in}/lb"), 2,
          "no results for suite"),
     Case("bench kernels with a bad shape", command("bench", "kernels", "--shape", "64by32"), 2, "expected KxN"),
 ]
 
 
-def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def _files(folder: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) below `folder`."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c.id for c in CATALOGUE])
@@ -292,6 +313,12 @@ def test_bad_input_fails_cleanly_and_writes_nothing(case, tiny_recipe, tmp_path,
     inputs = tmp_path / "in"
     inputs.mkdir()
     argv = case.make(inputs, tiny_recipe)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a refused input must be refused before any weight is read")
+
+    for module in ("llmq.pipeline.stages", "llmq.evaluation.suite_run"):
+        monkeypatch.setattr(f"{module}.load_model", no_weights)
     before = _files(tmp_path)
     t = time.perf_counter()
     with warnings.catch_warnings():
@@ -423,9 +450,9 @@ def test_two_runs_of_one_output_at_once_the_second_is_refused(tiny_recipe, capsy
     assert not list(out.parent.glob(".*.lock"))
 
 
-def test_a_full_disk_while_saving_keeps_the_earlier_output(tiny_recipe, monkeypatch, capsys):
-    """--overwrite over an earlier output, and the disk fills while the new one is written: the earlier output is
-    still there, whole, and the message says what happened."""
+def test_a_full_disk_while_writing_shards_keeps_the_earlier_output(tiny_recipe, monkeypatch, capsys):
+    """--overwrite over an earlier output, and the disk fills while the new one's shards are written (safetensors
+    says so in its own words): the earlier output is still there, whole, and the message says what happened."""
     import yaml as _yaml
 
     from llmq.quantization import blockwise
@@ -433,19 +460,19 @@ def test_a_full_disk_while_saving_keeps_the_earlier_output(tiny_recipe, monkeypa
     tiny_recipe["eval"] = None
     first = llmq.run(tiny_recipe).output_dir
     before = _files(first)
-    real = blockwise._save_atomic
 
     def full(tensors, path):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        raise RuntimeError(f"Error while serializing: IoError(Os {{ code: 28, kind: StorageFull, message: \"No space "
+                           f"left on device\" }}) (os error 28) {path}")
 
     monkeypatch.setattr(blockwise, "_save_atomic", full)
     recipe_path = first.parent / "r.yaml"
     recipe_path.write_text(_yaml.safe_dump(tiny_recipe))
     assert main(["run", str(recipe_path), "--overwrite"]) == 1
     err = capsys.readouterr().err
-    assert "no space left on device" in err and "earlier output" in err
+    assert "no space left on device" in err and "an earlier output is replaced only by a complete new one" in err
     assert _files(first) == before
-    monkeypatch.setattr(blockwise, "_save_atomic", real)
+    assert not list(first.parent.glob(".*.tmp*")), "no half-written file lingers"
 
 
 # ------------------------------------------------------------------------- siblings: other files llmq reads back

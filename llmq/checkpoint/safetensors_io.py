@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import LlmqError
-from ..io import write_json_atomic
+from ..io import removed_on_failure, write_json_atomic
 
 INDEX = "model.safetensors.index.json"
 
@@ -31,9 +31,13 @@ class CheckpointReader:
         index = self.folder / INDEX
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise LlmqError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+                raise LlmqError(f"{index}: not a valid safetensors index ({type(e).__name__})") from None
+            bad = _foreign_shard_name(weight_map)
+            if bad is not None:
+                raise LlmqError(f"{index}: names {bad!r} as a shard; shards are .safetensors files in the checkpoint's own "
+                                "folder")
         elif (self.folder / "model.safetensors").is_file():
             try:
                 with safe_open(self.folder / "model.safetensors", framework="pt") as fh:
@@ -83,10 +87,22 @@ class CheckpointReader:
         module.load_state_dict({k: read[prefix + k] for k in keys}, strict=False, assign=True)
 
 
+def _foreign_shard_name(weight_map) -> str | None:
+    """The first value of an index's weight_map that is not a plain .safetensors file name of this folder (a path, an
+    absolute name, '..'), or repr of the map itself when it is not a mapping of names to names; None when all are."""
+    if not isinstance(weight_map, dict):
+        return repr(type(weight_map).__name__)
+    for name in weight_map.values():
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors") or name.startswith("."):
+            return str(name)
+    return None
+
+
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with removed_on_failure(tmp):
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
 
 
 def write_index(folder: Path, weight_map: dict[str, str]) -> None:

@@ -102,6 +102,8 @@ def _jsonl_texts(spec: str, lines: Iterable[str]) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise BadInputError(f"data spec {spec!r}: line {number} is not JSON ({e.msg})") from None
+        except RecursionError:
+            raise BadInputError(f"data spec {spec!r}: line {number} is nested too deeply") from None
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise BadInputError(f"data spec {spec!r}: line {number} has no string \"text\" field")

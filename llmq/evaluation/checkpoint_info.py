@@ -37,7 +37,7 @@ def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: 
                 method = method_section
             elif isinstance(method_section, dict):
                 method = str(method_section.get("name", method))
-            info["base"] = base or recipe.get("model")
+            info["base"] = base or (recipe.get("model") if isinstance(recipe.get("model"), str) else None)
         info.update(method=method, bits=qc.get("bits"),
                     scheme=scheme_words(qc.get("bits"), qc.get("group_size"), qc.get("sym"), short=True))
     elif found.kind == "bitsandbytes":

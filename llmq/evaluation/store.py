@@ -87,7 +87,7 @@ class ResultsStore:
                     continue
                 try:
                     record = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                     record = None
                 if isinstance(record, dict):
                     out.append(record)

@@ -35,9 +35,16 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise BadInputError(f"{folder}: no config.json (not a Hugging Face model folder)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInputError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise BadInputError(f"{path}: nested too deeply to be a model config") from None
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(config, dict):
+        raise BadInputError(f"{path}: expected a JSON object (a model config), got {type(config).__name__}")
+    return config
 
 
 def detect(folder: str | Path) -> Detected:
@@ -77,6 +84,8 @@ def ct_weight_args(qc: dict[str, Any]) -> tuple[dict[str, Any] | None, str | Non
     groups = qc.get("config_groups") or {}
     fmt = qc.get("format")
     schemes = []
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+        return None, "config_groups is not a mapping of named groups"
     for name, group in groups.items():
         if group.get("input_activations") or group.get("output_activations"):
             return None, f"config group {name!r} quantizes activations too (llmq reads weight-only schemes)"
@@ -88,6 +97,8 @@ def ct_weight_args(qc: dict[str, Any]) -> tuple[dict[str, Any] | None, str | Non
     if any(s != schemes[0] for s in schemes[1:]):
         return None, "several different weight schemes in one checkpoint (llmq checkpoints have one scheme)"
     w = schemes[0]
+    if not isinstance(w, dict):
+        return None, "the weights of a config group are not a mapping"
     if w.get("type", "int") != "int" or w.get("num_bits") not in SUPPORTED_BITS:
         return None, f"weights {w.get('type', 'int')} {w.get('num_bits')}-bit (llmq reads int {_bits_words()} bits)"
     if w.get("strategy") not in ("group", "channel"):

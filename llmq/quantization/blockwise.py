@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -240,7 +240,7 @@ class _DiskWalk:
         model.tie_weights()  # init_empty_weights leaves tied embeddings as two meta tensors
         plan = _plan(model, recipe)
         reader = CheckpointReader(base_dir)
-        done = blocks_done(work, key)
+        done = blocks_done(work, key, len(plan.blocks))
         if done:
             logger.info(f"resuming at block {done} of {len(plan.blocks)} from {work}")
         summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, resumed_at_block=done)
@@ -270,8 +270,13 @@ class _DiskWalk:
         batches = _batches(calibration, self.recipe.calibration.batch_size)
         inputs = capture_inputs(self.model, self.plan.blocks[0], batches, self.device)
         if self.done > 0:
-            saved = torch.load(self.work / ACTIVATIONS, map_location=self.device, weights_only=True)
-            if len(saved) != len(inputs.hidden) or any(a.shape != b.shape for a, b in zip(saved, inputs.hidden)):
+            try:
+                saved = torch.load(self.work / ACTIVATIONS, map_location=self.device, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - missing, truncated or foreign: all mean "cannot resume from it"
+                raise LlmqError(f"{self.work / ACTIVATIONS}: unreadable ({type(e).__name__}); remove {self.work} to start "
+                                "over") from None
+            if (not isinstance(saved, list) or len(saved) != len(inputs.hidden)
+                    or any(not isinstance(a, torch.Tensor) or a.shape != b.shape for a, b in zip(saved, inputs.hidden))):
                 raise LlmqError(f"{self.work / ACTIVATIONS}: saved activations do not match this run's calibration batches")
             inputs = inputs.with_hidden(saved)
         return inputs
@@ -296,8 +301,12 @@ class _DiskWalk:
     def add_finished_blocks(self) -> None:
         """The shards an earlier, interrupted run finished, into the index and the summary."""
         for i in range(self.done):
-            with safe_open(self.work / self.shard(i), framework="pt") as fh:
-                self.weight_map.update(dict.fromkeys(fh.keys(), self.shard(i)))
+            try:
+                with safe_open(self.work / self.shard(i), framework="pt") as fh:
+                    self.weight_map.update(dict.fromkeys(fh.keys(), self.shard(i)))
+            except (SafetensorError, OSError) as e:
+                raise LlmqError(f"{self.work / self.shard(i)}: a finished block's shard is unreadable ({e}); remove "
+                                f"{self.work} to start over") from None
             self.summary.layers += [f"{self.plan.prefix}.{i}.{n}" for n in self.plan.per_block[i]]
 
     def quantize_blocks(self, inputs) -> None:

@@ -105,6 +105,8 @@ def quantize_checkpoint(
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / training.STATE
+    for leftover in work.glob("*.tmp"):  # a save interrupted by an earlier kill: the previous state is still whole
+        leftover.unlink()
     if any(p.name not in (training.STATE, training.STATE_KEY) for p in work.iterdir()):
         raise LlmqError(f"{work} is not empty and holds no llmq QAT state; remove it to start over")
     model = load_model(base_dir, dtype=torch.float32)

@@ -31,16 +31,18 @@ def run_key(recipe: Recipe, base_dir: Path, *windows: torch.Tensor | None) -> st
     return f"{recipe.hash()}:{Path(base_dir).resolve()}:{digest.hexdigest()[:16]}"
 
 
-def blocks_done(work: Path, key: str) -> int:
-    """How many blocks an interrupted run of this same job finished in `work` (0 for a fresh folder)."""
+def blocks_done(work: Path, key: str, n_blocks: int | None = None) -> int:
+    """How many blocks (of `n_blocks`) an interrupted run of this same job finished in `work` (0 for a fresh
+    folder)."""
     work.mkdir(parents=True, exist_ok=True)
     progress_path = work / PROGRESS
     if progress_path.is_file():
         try:
             progress = json.loads(progress_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             progress = None
-        if not isinstance(progress, dict) or not isinstance(progress.get("blocks_done"), int):
+        done = progress.get("blocks_done") if isinstance(progress, dict) else None
+        if type(done) is not int or done < 0 or (n_blocks is not None and done > n_blocks):
             raise LlmqError(f"{progress_path} is not a progress file llmq wrote; remove {work} to start over")
         if progress.get("run") != key:
             raise LlmqError(f"{work} holds an interrupted run of a different recipe, model or calibration data; "

@@ -271,9 +271,9 @@ class Recipe(Strict):
     @classmethod
     def _plain_name(cls, v: str | None) -> str | None:
         """A name names; it never places: out/<name> must stay inside out/ (output.dir and -o choose places)."""
-        if v is not None and (not v.strip() or v in (".", "..") or any(c in v for c in "/\\\0")):
-            raise ValueError("a recipe name is a plain name (no path separators, not '.' or '..'); choose the output "
-                             "folder with output.dir or -o")
+        if v is not None and (not v.strip() or v.startswith(".") or any(c in v for c in "/\\\0")):
+            raise ValueError("a recipe name is a plain name (no path separators, not starting with '.'); choose the "
+                             "output folder with output.dir or -o")
         return v
 
     @field_validator("model")
@@ -346,10 +346,9 @@ class Recipe(Strict):
         if not path.is_file():
             raise BadInputError(f"recipe file {str(path)!r} does not exist")
         data = load_yaml(path, "recipe")
-        recipe = cls.from_dict(data, source=str(path))
-        if recipe.name is None:
-            recipe = recipe.model_copy(update={"name": path.stem})
-        return recipe
+        if isinstance(data, dict) and data.get("name") is None:
+            data = {**data, "name": path.stem}  # validated like a written name: a file called ..yaml names nothing
+        return cls.from_dict(data, source=str(path))
 
     # ------------------------------------------------------------------ derived
 

@@ -184,9 +184,17 @@ def export_card(src: Path, label: str, quantization_config: dict[str, Any]) -> s
     report_path = Path(src) / "report.json"
     how = [line.replace("FOLDER", "path/to/this/folder") for line in LOADERS[fmt]]
     report = _saved_report(report_path)
-    if report is None:
-        return "\n".join([f"# {Path(src).name} as {label}", "", f"Exported by llmq from the llmq checkpoint `{Path(src).name}` "
-                          "(it has no readable report.json, so its provenance is unknown).", "", "## Loading", "", *how, ""])
+    if report is not None:
+        try:
+            return _export_card_from(report, fmt, label, quantization_config, how)
+        except (KeyError, TypeError, AttributeError):  # a report.json from elsewhere, or damaged: no provenance
+            pass
+    return "\n".join([f"# {Path(src).name} as {label}", "", f"Exported by llmq from the llmq checkpoint `{Path(src).name}` "
+                      "(it has no readable report.json, so its provenance is unknown).", "", "## Loading", "", *how, ""])
+
+
+def _export_card_from(report: dict[str, Any], fmt: str, label: str, quantization_config: dict[str, Any],
+                      how: list[str]) -> str:
     r, s = report["recipe"], report["recipe"]["scheme"]
     export_cmd = f"llmq export {report['output_dir']} OUT --format {fmt}" + (
         " --gptq-version 2" if quantization_config.get("checkpoint_format") == "gptq_v2" else "")
@@ -219,7 +227,7 @@ def _saved_report(path: Path) -> dict[str, Any] | None:
     """A checkpoint's report.json when it is one llmq wrote (a JSON object with a recipe), else None."""
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     ok = isinstance(report, dict) and isinstance(report.get("recipe"), dict) and report.get("report_version") is not None
     return report if ok else None

@@ -20,7 +20,7 @@ import llmq
 from llmq import cli, loading, numerics
 from llmq.errors import BadInputError, LlmqError
 from llmq.methods import qat
-from llmq.methods.qat.training import STATE, step_windows
+from llmq.methods.qat.training import STATE, STATE_KEY, step_windows
 from llmq.numerics import Scheme
 from llmq.quantization import qat as qat_run
 from llmq.recipe import Recipe
@@ -273,7 +273,7 @@ def test_llmq_run_qat_end_to_end(tiny_recipe, tiny_corpus, tmp_path):
     assert len(report["quantization"]["qat"]["training"]["losses"]) == 3
     card = (result.output_dir / "README.md").read_text()
     assert "## Quantization-aware training" in card and "init (rtn, before QAT)" in card
-    assert not (result.output_dir / STATE).exists()
+    assert not (result.output_dir / STATE).exists() and not (result.output_dir / STATE_KEY).exists()
     model = llmq.load(result.output_dir)
     assert isinstance(model.model.layers[0].mlp.down_proj, llmq.checkpoint.quant_linear.QuantLinear)
 

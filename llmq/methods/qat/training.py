@@ -187,7 +187,7 @@ def _saved_state(state_path: Path | None, key: str) -> dict[str, Any] | None:
     key_path = state_key_path(state_path)
     try:
         saved = json.loads(key_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         saved = None
     if not isinstance(saved, dict) or saved.get("key") != key:
         raise LlmqError(f"{state_path} holds the training state of a different recipe or model (or no readable "
@@ -253,12 +253,12 @@ def fine_tune(
 
     def checkpoint(step: int) -> None:
         if state_path is not None and acc.is_main_process:
+            write_json_atomic({"key": key}, state_key_path(state_path))  # first: a state file never lacks its key
             torch_save_atomic({
                 "key": key, "step": step, "total_steps": total_steps, "losses": stats.losses,
                 "model": trainable_state(acc.unwrap_model(model), keep_in_state),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             }, state_path)
-            write_json_atomic({"key": key, "step": step}, state_key_path(state_path))
         acc.wait_for_everyone()
 
     t0 = time.perf_counter()
