@@ -6,7 +6,6 @@ one message saying what it is and what llmq can do with it, instead of a stack t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from ..describe import scheme_words
 from ..errors import BadInputError
 from ..numerics import SUPPORTED_BITS
+from ..recipe import load_json
 
 _BITS = "/".join(map(str, SUPPORTED_BITS))
 # What llmq reads, as the message to users says it.
@@ -34,14 +34,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise BadInputError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInputError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise BadInputError(f"{path}: nested too deeply to be a model config") from None
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot read it ({e.strerror or e})") from None
+    config = load_json(path, "model config")
     if not isinstance(config, dict):
         raise BadInputError(f"{path}: expected a JSON object (a model config), got {type(config).__name__}")
     return config

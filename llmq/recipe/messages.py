@@ -3,6 +3,7 @@ expected (pydantic's validation errors)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,19 @@ from ..errors import BadInputError
 
 def load_yaml(path: Path, what: str) -> Any:
     """A YAML file through the safe loader; anything that is not readable YAML is one BadInputError naming `path`."""
+    return _load(path, what, "YAML", yaml.safe_load, yaml.YAMLError, lambda e: str(e).splitlines()[0])
+
+
+def load_json(path: Path, what: str) -> Any:
+    """A JSON file; anything that is not readable JSON is one BadInputError naming `path`."""
+    return _load(path, what, "JSON", json.loads, json.JSONDecodeError, str)
+
+
+def _load(path: Path, what: str, syntax: str, parse, syntax_error: type[Exception], detail) -> Any:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise BadInputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        return parse(path.read_text(encoding="utf-8"))
+    except (syntax_error, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path}: not valid {syntax} ({detail(e)})") from None
     except RecursionError:
         raise BadInputError(f"{path}: nested too deeply to be a {what}") from None
     except OSError as e:
