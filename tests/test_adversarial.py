@@ -504,3 +504,15 @@ def test_a_damaged_progress_file_is_refused_with_a_message(tmp_path, text):
     (tmp_path / PROGRESS).write_bytes(text)
     with pytest.raises(LlmqError, match="not a progress file llmq wrote"):
         blocks_done(tmp_path, "k")
+
+
+def test_eval_of_a_checkpoint_that_fails_to_load_leaves_no_trace_in_the_store(tmp_path, capsys):
+    """`llmq eval` of an llmq config without weights: refused with a message, and the store stays as it was (it
+    used to get a description record of a checkpoint that was never scored)."""
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "config.json").write_text(QUANTIZED_CONFIG)
+    (tmp_path / "s.yaml").write_text("name: s\nperplexity: {data: wiki, seqlen: 16}\n")
+    store = tmp_path / "store.jsonl"
+    assert main(["eval", str(tmp_path / "q"), "--suite", str(tmp_path / "s.yaml"), "--store", str(store)]) == 1
+    assert "safetensors" in capsys.readouterr().err
+    assert not store.exists()
