@@ -15,6 +15,7 @@ from typing import NamedTuple
 from ..recipe import METHOD_NAMES, MethodConfig
 from .gptq import gptq_block
 from .job import BlockJob
+from .qat.block_ap import qat_block
 from .rtn import rtn_block
 
 
@@ -32,8 +33,17 @@ assert tuple(METHODS) == METHOD_NAMES, "every method name a recipe accepts has e
 
 
 def needs_calibration(method: MethodConfig) -> bool:
-    """Whether a recipe's method needs calibration windows: GPTQ does, and so does QAT started from GPTQ."""
-    return METHODS[method.init_method].needs_calibration
+    """Whether a recipe's method needs calibration windows: GPTQ does, and so does QAT started from GPTQ or trained
+    block by block (on the calibration activations)."""
+    return method.blockwise or METHODS[method.init_method].needs_calibration
 
 
-__all__ = ["METHODS", "BlockJob", "Method", "needs_calibration"]
+def block_method(method: MethodConfig) -> Method | None:
+    """What the block walk runs per block for this method: rtn, gptq, or block-wise QAT; None for whole-model QAT."""
+    if method.blockwise:
+        return Method(qat_block, needs_calibration=True)
+    found = METHODS[method.name]
+    return found if found.quantize_block is not None else None
+
+
+__all__ = ["METHODS", "BlockJob", "Method", "block_method", "needs_calibration"]

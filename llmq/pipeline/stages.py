@@ -139,7 +139,7 @@ def prepare(recipe: Recipe, out: Path, overwrite: bool, resume: bool) -> Job:
     work = partial_dir(out)
     if resume and not (work.is_dir() and any(work.iterdir())):
         raise BadInputError(f"--resume: there is no interrupted run of {str(out)!r} to resume ({work} is missing or empty)")
-    if world_size() > 1 and recipe.method.name != "qat":
+    if world_size() > 1 and (recipe.method.name != "qat" or recipe.method.blockwise):
         raise BadInputError(f"method {recipe.method.name} runs in one process; only qat trains on several (accelerate launch)")
     if recipe.scheme.format in BNB_FORMATS and recipe.method.name == "rtn" and work.is_dir() and any(work.iterdir()):
         raise BadInputError(f"{work} holds an interrupted run for {str(out)!r}, and {scheme_label(recipe)} with rtn "
@@ -173,7 +173,7 @@ def _calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor | None:
 def _training_windows(recipe: Recipe, tokenizer) -> torch.Tensor | None:
     """Consecutive non-overlapping windows of the training text (the same cut as the perplexity protocol's)."""
     tc = recipe.training
-    if tc is None:
+    if tc is None or recipe.method.blockwise:  # block-wise QAT trains on the calibration activations
         return None
     windows = data.eval_windows(data.tokenize_corpus(tokenizer, data.load_text(tc.data)), tc.seqlen, None)
     logger.info(f"training text: {windows.shape[0]} windows x {tc.seqlen} tokens of {tc.data!r}")
@@ -202,7 +202,7 @@ def quantize(job: Job) -> Quantized:
 
 
 def _route(recipe: Recipe) -> str:
-    if recipe.method.name == "qat":
+    if recipe.method.name == "qat" and not recipe.method.blockwise:
         return "qat"
     if recipe.scheme.format in BNB_FORMATS and recipe.method.name == "rtn":
         return "bitsandbytes-rtn"

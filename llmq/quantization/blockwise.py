@@ -35,7 +35,7 @@ from ..environment import default_device
 from ..errors import LlmqError
 from ..io import torch_save_atomic
 from ..io import write_json_atomic as _write_json_atomic
-from ..methods import METHODS, BlockJob
+from ..methods import BlockJob, block_method
 from ..methods.rtn import rtn_block
 from ..model.structure import decoder_blocks, targeted_linears
 from ..numerics import QWeight, Scheme
@@ -64,7 +64,7 @@ class _Plan:
 
 
 def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
-    if METHODS[recipe.method.name].quantize_block is None:
+    if block_method(recipe.method) is None:
         raise LlmqError(f"method {recipe.method.name} trains the whole model; it has no block-by-block walk")
     layers = targeted_linears(model, recipe.targets, recipe.ignore)
     check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
@@ -72,7 +72,7 @@ def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
     per_block = [[n.removeprefix(f"{prefix}.{i}.") for n in layers if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
     outside = [n for n in layers if not n.startswith(f"{prefix}.")]
     m = recipe.method
-    has_g_idx = m.name == "gptq" and m.act_order and not m.static_groups and recipe.scheme.group_size is not None
+    has_g_idx = m.init_method == "gptq" and m.act_order and not m.static_groups and recipe.scheme.group_size is not None
     return _Plan(prefix, blocks, per_block, outside, has_g_idx)
 
 
@@ -106,7 +106,7 @@ def quantize_model(
     """Walk a model already in memory block by block; returns {full layer name: QWeight}. Calibrating methods
     leave the dequantized weights in the model's Linear layers (the caller swaps them for QuantLinear)."""
     t0 = time.perf_counter()
-    plan, method = _plan(model, recipe), METHODS[recipe.method.name]
+    plan, method = _plan(model, recipe), block_method(recipe.method)
     summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx)
     inputs = clusters = None
     if method.needs_calibration:
@@ -248,7 +248,7 @@ class _DiskWalk:
 
     @property
     def method(self):
-        return METHODS[self.recipe.method.name]
+        return block_method(self.recipe.method)
 
     @property
     def scheme(self) -> Scheme:

@@ -29,7 +29,7 @@ def quantize(
     check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
     if needs_calibration(recipe.method) and calibration is None:
         raise BadInputError(f"method {recipe.method.name} needs calibration token windows ([n, seqlen] token ids)")
-    if recipe.method.name == "qat":
+    if recipe.method.name == "qat" and not recipe.method.blockwise:
         if training is None:
             raise BadInputError("method qat needs training token windows ([n, seqlen] token ids)")
         done = qat.quantize_model(model.float(), recipe, dtype, training, calibration)

@@ -6,7 +6,7 @@ errors. Everything a caller needs is importable from here.
 """
 
 from .messages import first_error, load_json, load_yaml
-from .presets import BNB_FORMATS, GPTQ_KEYS, METHOD_NAMES, PRESETS, QAT_KEYS
+from .presets import BLOCKWISE_KEYS, BNB_FORMATS, GPTQ_KEYS, METHOD_NAMES, PRESETS, QAT_KEYS
 from .schema import (
     BudgetConfig,
     CalibrationConfig,
@@ -23,7 +23,7 @@ from .schema import (
 from .targets import check_against_layers, is_targeted
 
 __all__ = [
-    "BNB_FORMATS", "GPTQ_KEYS", "METHOD_NAMES", "PRESETS", "QAT_KEYS", "BudgetConfig", "CalibrationConfig",
+    "BLOCKWISE_KEYS", "BNB_FORMATS", "GPTQ_KEYS", "METHOD_NAMES", "PRESETS", "QAT_KEYS", "BudgetConfig", "CalibrationConfig",
     "EvalConfig", "MethodConfig", "OutputConfig", "PerplexityConfig", "Recipe", "SchemeConfig", "Strict", "Thresholds",
     "TrainingConfig", "check_against_layers", "first_error", "is_targeted", "load_json", "load_yaml",
 ]

@@ -29,4 +29,6 @@ BNB_FORMATS: dict[str, dict[str, Any]] = {
 METHOD_NAMES = ("rtn", "gptq", "qat")
 # The method keys that belong to one method (an error elsewhere); model cards list them.
 GPTQ_KEYS = ("damp", "block_size", "act_order", "static_groups", "true_sequential", "clip_weights")
-QAT_KEYS = ("init", "train_weights", "learn_scales", "learn_zero_points")
+QAT_KEYS = ("init", "train_weights", "learn_scales", "learn_zero_points", "mode")
+# QAT's block-wise mode only (method: {name: qat, mode: blockwise}).
+BLOCKWISE_KEYS = ("block_epochs", "block_lr", "block_qparam_lr")

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import BadInputError
 from ..numerics import SUPPORTED_BITS, Scheme
 from .messages import first_error, load_yaml
-from .presets import BNB_FORMATS, GPTQ_KEYS, METHOD_NAMES, PRESETS, QAT_KEYS
+from .presets import BLOCKWISE_KEYS, BNB_FORMATS, GPTQ_KEYS, METHOD_NAMES, PRESETS, QAT_KEYS
 from .targets import is_targeted
 
 
@@ -114,6 +114,10 @@ class MethodConfig(Strict):
     train_weights: bool = True
     learn_scales: bool = True
     learn_zero_points: bool = True
+    mode: Literal["whole-model", "blockwise"] = "whole-model"
+    block_epochs: int = Field(2, ge=1, le=1000)
+    block_lr: float = Field(1e-5, ge=0.0, le=1.0)
+    block_qparam_lr: float = Field(1e-4, ge=0.0, le=1.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -128,12 +132,20 @@ class MethodConfig(Strict):
         stray = changed(GPTQ_KEYS)
         if stray and self.init_method != "gptq":
             raise ValueError(f"{stray[0]} applies to method gptq (or qat with init: gptq) only, not {self.name!r}")
-        stray = changed(QAT_KEYS)
+        stray = changed(QAT_KEYS + BLOCKWISE_KEYS)
         if stray and self.name != "qat":
             raise ValueError(f"{stray[0]} applies to method qat only, not {self.name!r}")
+        stray = changed(BLOCKWISE_KEYS)
+        if stray and self.mode != "blockwise":
+            raise ValueError(f"{stray[0]} applies to qat with mode: blockwise only")
         if self.name == "qat" and not (self.train_weights or self.learn_scales or self.learn_zero_points):
             raise ValueError("qat with train_weights, learn_scales and learn_zero_points all false has nothing to train")
         return self
+
+    @property
+    def blockwise(self) -> bool:
+        """QAT trained block by block in the block walk (Block-AP), not the whole model at once."""
+        return self.name == "qat" and self.mode == "blockwise"
 
     @property
     def init_method(self) -> str:

@@ -60,7 +60,7 @@ def _header(report: dict[str, Any], tags: list[str], extra: dict[str, Any] | Non
             **({"format": s["format"]} if s.get("format", "int") != "int" else {}),
             "clip": r["method"]["clip"],
             **({k: r["method"][k] for k in GPTQ_KEYS} if _uses_gptq(r["method"]) else {}),
-            **({k: r["method"][k] for k in QAT_KEYS} if r["method"]["name"] == "qat" else {}),
+            **({k: r["method"].get(k) for k in QAT_KEYS} if r["method"]["name"] == "qat" else {}),
             **(extra or {}),
         },
     }
@@ -251,6 +251,8 @@ def import_card(src: Path, found) -> str:
 
 def _training_lines(report: dict[str, Any]) -> list[str]:
     r, qat = report["recipe"], report["quantization"].get("qat")
+    if r["method"]["name"] == "qat" and r["method"].get("mode") == "blockwise":
+        return _blockwise_lines(r)
     if qat is None:
         return []
     t, m, stats = r["training"], r["method"], qat["training"]
@@ -266,6 +268,20 @@ def _training_lines(report: dict[str, Any]) -> list[str]:
         f"loss: {loss}; AdamW, lr {t['lr']:g} (weights) / {t['qparam_lr']:g} (scales, zero points), "
         f"{t['warmup']:.0%} warm-up then cosine. Final training loss {stats['losses'][-1]:.4f} "
         f"(first step {stats['losses'][0]:.4f}). Layers that are not quantized keep the base model's values.",
+        "",
+    ]
+
+
+def _blockwise_lines(r: dict[str, Any]) -> list[str]:
+    m = r["method"]
+    return [
+        "## Quantization-aware training, block by block",
+        "",
+        f"Each decoder block started from {m['init']}; then its fake-quantized weights, scales and zero points were "
+        f"trained (AdamW, lr {m['block_lr']:g} for the weights, {m['block_qparam_lr']:g} for scales and zero points, "
+        f"{m['block_epochs']} passes over the calibration batches) to reproduce the full-precision block's output on "
+        "the calibration activations (mean squared error), and the next block was fed this block's quantized output. "
+        "The per-layer table in report.json has each block's output error before (`init_loss`) and after (`loss`).",
         "",
     ]
 
