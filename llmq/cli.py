@@ -251,6 +251,15 @@ COMMANDS = {"validate": _validate, "run": _run, "export": _export_or_import, "im
             "leaderboard": _leaderboard, "bench": _bench, "inspect": _inspect}
 
 
+def _leave_process_group() -> None:
+    """Under a distributed launch, destroy this process's process group before it exits: left to interpreter
+    shutdown, gloo's threads can abort a finished process ('terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _show_messages(command: str) -> None:
     """llmq's log messages on the terminal: `llmq run` beside its per-layer table on stdout, every other command on
     stderr (its stdout is its result); only the main process of a distributed launch speaks."""
@@ -267,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _show_messages(args.command)
         COMMANDS[args.command](args)
+        _leave_process_group()
         return 0
     except BadInputError as e:
         print(f"llmq: error: {e}", file=sys.stderr)
