@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,24 @@ def tiny_recipe(tiny_model_dir, tiny_corpus, tmp_path):
         "eval": {"data": str(tiny_corpus), "seqlen": 64, "max_windows": 4, "batch_size": 2},
         "output": {"dir": str(tmp_path / "out")},
     }
+
+
+@contextmanager
+def killed_at_block_1(monkeypatch):
+    """Inside the block, the block walk's third shard write fails as a kill would: the rest shard and block 0 are
+    on disk, block 1's write never lands. The writer is restored on leaving, so a rerun can resume."""
+    from llmq.quantization import blockwise
+
+    real, writes = blockwise._save_atomic, []
+
+    def save_then_fail(tensors, path):
+        writes.append(path.name)
+        if len(writes) == 3:
+            raise RuntimeError("killed")
+        real(tensors, path)
+
+    monkeypatch.setattr(blockwise, "_save_atomic", save_then_fail)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(blockwise, "_save_atomic", real)

@@ -28,7 +28,8 @@ class _Stop(Exception):
     """Raised from a hook to end a forward pass early."""
 
 
-def _first(output: Any) -> torch.Tensor:
+def first_output(output: Any) -> torch.Tensor:
+    """The hidden states of a decoder block's output (blocks return a tensor or a tuple starting with one)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -44,7 +45,12 @@ class BlockInputs:
         """Replace the hidden states by the block's outputs, batch by batch in place: the next block's inputs
         without ever holding a second full set of activations."""
         for h, (args, kwargs) in zip(self.hidden, self.extras):
-            h.copy_(_first(block(h, *args, **kwargs)))
+            h.copy_(first_output(block(h, *args, **kwargs)))
+
+    @torch.no_grad()
+    def outputs(self, block: nn.Module) -> list[torch.Tensor]:
+        """The block's output on every batch, the inputs left as they are."""
+        return [first_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(self.hidden, self.extras)]
 
     @torch.no_grad()
     def feed(self, block: nn.Module, taps: dict[nn.Module, Callable[[torch.Tensor], None]], stop_after: nn.Module | None):

@@ -9,6 +9,7 @@ fake-quant layers and training loop; quantization/qat.py runs it) trains the who
 one of the block methods' results; it has no `quantize_block`.
 """
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -41,7 +42,7 @@ def needs_calibration(method: MethodConfig) -> bool:
 def block_method(method: MethodConfig) -> Method | None:
     """What the block walk runs per block for this method: rtn, gptq, or block-wise QAT; None for whole-model QAT."""
     if method.blockwise:
-        return Method(qat_block, needs_calibration=True)
+        return Method(functools.partial(qat_block, init=METHODS[method.init].quantize_block), needs_calibration=True)
     found = METHODS[method.name]
     return found if found.quantize_block is not None else None
 

@@ -14,8 +14,8 @@ import llmq
 from llmq import numerics
 from llmq.calibration import capture_inputs, linear_clusters
 from llmq.errors import BadInputError
-from llmq.methods import BlockJob
-from llmq.methods.qat.block_ap import block_mse, qat_block
+from llmq.methods import BlockJob, block_method
+from llmq.methods.qat.block_ap import block_mse
 from llmq.model.structure import decoder_blocks
 from llmq.recipe import Recipe
 
@@ -47,10 +47,8 @@ def test_training_lowers_the_block_output_error_below_its_ptq_start(tiny_recipe,
     job = BlockJob(recipe.scheme.to_scheme(), recipe.method, torch.float32, inputs, linear_clusters(blocks[0], inputs),
                    rows.append)
     names = [n for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():  # the full-precision block's outputs
-        outs = [blocks[0](h, *a, **k) for h, (a, k) in zip(inputs.hidden, inputs.extras)]
-    targets = [o[0] if isinstance(o, tuple) else o for o in outs]
-    qweights = qat_block(blocks[0], names, job)
+    targets = inputs.outputs(blocks[0])  # the full-precision block's outputs
+    qweights = block_method(recipe.method).quantize_block(blocks[0], names, job)
     trained = [r for r in rows if r["method"] == "qat-block"]
     assert len(trained) == len(names) and trained[0]["loss"] < trained[0]["init_loss"]
     assert block_mse(blocks[0], job, targets) == pytest.approx(trained[0]["loss"], rel=1e-6)
@@ -79,22 +77,12 @@ def test_run_saves_and_reloads_what_it_trained(tiny_recipe, tmp_path):
 
 
 def test_a_killed_blockwise_run_resumes_to_the_same_bytes(tiny_recipe, tmp_path, monkeypatch):
-    from llmq.quantization import blockwise
+    from conftest import killed_at_block_1
 
     recipe = _blockwise(tiny_recipe, tmp_path)
     recipe["eval"] = None
-    real, writes = blockwise._save_atomic, []
-
-    def save_then_fail(tensors, path):
-        writes.append(path.name)
-        if len(writes) == 3:  # the rest shard, block 0's shard, then block 1's: killed
-            raise RuntimeError("killed")
-        real(tensors, path)
-
-    monkeypatch.setattr(blockwise, "_save_atomic", save_then_fail)
-    with pytest.raises(RuntimeError, match="killed"):
+    with killed_at_block_1(monkeypatch), pytest.raises(RuntimeError, match="killed"):
         llmq.run(recipe)
-    monkeypatch.setattr(blockwise, "_save_atomic", real)
     resumed = llmq.run(recipe)
     assert resumed.report["quantization"]["resumed_at_block"] == 1
     fresh = llmq.run(recipe, output_dir=tmp_path / "fresh")

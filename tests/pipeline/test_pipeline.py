@@ -177,25 +177,15 @@ def test_resume_refuses_edited_calibration_text_or_base_files(tiny_recipe, tmp_p
     file times) is refused with a message, never resumed into mixed blocks; the original job still resumes."""
     import shutil
 
-    from llmq.quantization import blockwise
+    from conftest import killed_at_block_1
 
     base = tmp_path / "base"
     shutil.copytree(tiny_recipe["model"], base)
     calib = _calibration_file(tmp_path)
     tiny_recipe.update(model=str(base), eval=None, method={"name": "gptq"},
                        calibration={"data": str(calib), "n_samples": 4, "seqlen": 32, "batch_size": 2})
-    real_save, writes = blockwise._save_atomic, []
-
-    def save_then_fail(tensors, path):
-        writes.append(path.name)
-        if len(writes) == 3:  # the rest shard, block 0's shard, then block 1's: killed
-            raise RuntimeError("killed")
-        real_save(tensors, path)
-
-    monkeypatch.setattr(blockwise, "_save_atomic", save_then_fail)
-    with pytest.raises(RuntimeError, match="killed"):
+    with killed_at_block_1(monkeypatch), pytest.raises(RuntimeError, match="killed"):
         llmq.run(tiny_recipe)
-    monkeypatch.setattr(blockwise, "_save_atomic", real_save)
     partial = llmq.io.partial_dir(Path(tiny_recipe["output"]["dir"]))
     assert json.loads((partial / "llmq-progress.json").read_text())["blocks_done"] == 1
 

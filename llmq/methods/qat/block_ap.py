@@ -18,46 +18,37 @@ resume after a kill, the same bytes for the same recipe. For one block:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ... import numerics
+from ...calibration.capture import first_output
 from ...errors import LlmqError
 from ...numerics import QWeight
-from ..gptq import gptq_block
 from ..job import BlockJob
-from ..rtn import rtn_block
 from .fake_quant import FakeQuantLinear, convert, prepare
 
-INIT_METHODS = {"rtn": rtn_block, "gptq": gptq_block}
-
-
-def _outputs(block: nn.Module, job: BlockJob) -> list[torch.Tensor]:
-    """The block's output on each calibration batch, as it is now."""
-    with torch.no_grad():
-        return [_first(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(job.inputs.hidden, job.inputs.extras)]
-
-
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
+BlockMethod = Callable[[nn.Module, list[str], BlockJob], dict[str, QWeight]]
 
 
 def block_mse(block: nn.Module, job: BlockJob, targets: list[torch.Tensor]) -> float:
     """Mean squared error of the block's outputs against `targets`, over every calibration batch."""
-    outs = _outputs(block, job)
+    outs = job.inputs.outputs(block)
     return float(sum(F.mse_loss(o.float(), t.float(), reduction="sum") for o, t in zip(outs, targets))
                  / sum(t.numel() for t in targets))
 
 
-def qat_block(block: nn.Module, names: list[str], job: BlockJob) -> dict[str, QWeight]:
-    """Block-AP on the named Linear layers of one block (see the module docstring); {name: QWeight}."""
+def qat_block(block: nn.Module, names: list[str], job: BlockJob, init: BlockMethod) -> dict[str, QWeight]:
+    """Block-AP on the named Linear layers of one block (see the module docstring), starting from the block method
+    `init` (the registry's rtn or gptq); {name: QWeight}."""
     if job.inputs is None:
         raise LlmqError("block-wise QAT needs calibration activations for every block")
     t0 = time.perf_counter()
-    targets = _outputs(block, job)
-    qweights = INIT_METHODS[job.config.init](block, names, job)
+    targets = job.inputs.outputs(block)
+    qweights = init(block, names, job)
     prepare(block, qweights, job.scheme, job.scale_dtype, job.config)
     init_loss = block_mse(block, job, targets)  # the fake-quant block computes exactly the init's quantized block
     _train(block, job, targets)
@@ -91,7 +82,7 @@ def _train(block: nn.Module, job: BlockJob, targets: list[torch.Tensor]) -> None
     with torch.enable_grad():
         for _ in range(cfg.block_epochs):
             for h, (args, kwargs), target in zip(job.inputs.hidden, job.inputs.extras, targets):
-                loss = F.mse_loss(_first(block(h, *args, **kwargs)).float(), target.float())
+                loss = F.mse_loss(first_output(block(h, *args, **kwargs)).float(), target.float())
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
