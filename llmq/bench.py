@@ -205,7 +205,7 @@ class GenerateRow:
 def _model_bytes(model: torch.nn.Module) -> int:
     total = _nbytes(*model.parameters(), *model.buffers())
     for m in model.modules():
-        packed = getattr(m, "_cpu_packed", None)
+        packed = m.__dict__.get(cpu.ATTR)
         if packed is not None and packed.weight is not None:
             total += _nbytes(packed.weight, packed.scales)
     return total
@@ -217,7 +217,7 @@ def _served_by(model: torch.nn.Module) -> dict[str, int]:
         if isinstance(m, QuantLinear):
             name = kernels.name_of(m.kernel)
             if name == "cpu":
-                packed = getattr(m, "_cpu_packed", None)
+                packed = m.__dict__.get(cpu.ATTR)
                 op = packed.op if packed is not None else None
                 name = f"cpu-{op}" if op else "cpu-reference"
             counts[name] = counts.get(name, 0) + 1
@@ -241,6 +241,28 @@ def _generate_once(model, prompt: torch.Tensor, new_tokens: int, device: torch.d
     return t1 - t0, time.perf_counter() - t1
 
 
+@torch.no_grad()
+def _generate_static(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
+    """The user's path to fast generation (README, "Fast generation"): generate() with a static KV cache, greedy,
+    exactly `new_tokens` tokens. (prefill s, decode s): prefill timed as a one-token generate, decode as the rest."""
+    kwargs = {"do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    _sync(device)
+    t0 = time.perf_counter()
+    model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    _sync(device)
+    t1 = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kwargs)
+    _sync(device)
+    return t1 - t0, max(time.perf_counter() - t1 - (t1 - t0), 1e-9)
+
+
+def compile_forward(model) -> None:
+    """torch.compile the model's forward (whole graph, no breaks allowed) after llmq's kernels are prepared: what the
+    README tells users to do on any device (generate() compiles by itself only on accelerators)."""
+    kernels.prepare(model)
+    model.forward = torch.compile(model.forward, fullgraph=True)
+
+
 def bench_generate(
     checkpoint: str,
     base: str | None = None,
@@ -249,8 +271,10 @@ def bench_generate(
     new_tokens: int = 64,
     rounds: int = 5,
     device: str | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """Prefill and decode tokens/s of a checkpoint and its base, each in every dtype, timed round-robin."""
+    """Prefill and decode tokens/s of a checkpoint and its base, each in every dtype, timed round-robin. With
+    `compile`, every model runs generate() with a static cache, eager and torch.compile'd side by side."""
     dev = torch.device(device or default_device())
     folder = resolve(checkpoint)
     if base is None:
@@ -262,15 +286,21 @@ def bench_generate(
             logger.info(f"loading {spec} in {dt}")
             model = load_model(resolve(spec), dtype=DTYPES[dt]).to(dev)
             loaded.append((f"{label} {dt}", spec, dt, model))
+            if compile:
+                twin = load_model(resolve(spec), dtype=DTYPES[dt]).to(dev)
+                compile_forward(twin)
+                loaded.append((f"{label} {dt} compiled", spec, dt, twin))
+    run = _generate_static if compile else _generate_once
     vocab = loaded[0][3].config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(dev)
-    for *_, model in loaded:  # warm-up: builds packed copies, allocator pools, kernel autotuning
-        _generate_once(model, prompt, 4, dev)
+    for label, *_, model in loaded:  # warm-up: packed copies, allocator pools, autotuning, compilation
+        logger.info(f"warm-up: {label}")
+        run(model, prompt, 4, dev)
     timings: dict[str, list[tuple[float, float]]] = {row[0]: [] for row in loaded}
     for r in range(rounds):
         logger.info(f"round {r + 1}/{rounds}")
         for label, _, _, model in loaded:
-            timings[label].append(_generate_once(model, prompt, new_tokens, dev))
+            timings[label].append(run(model, prompt, new_tokens, dev))
     rows = []
     for label, spec, dt, model in loaded:
         pre = statistics.median(t[0] for t in timings[label])
@@ -281,7 +311,8 @@ def bench_generate(
         row.decode_speedup = row.decode_tok_s / rows[0].decode_tok_s
     peak = _peak_memory_mb(dev)
     return {"device": _device_name(dev), "threads": torch.get_num_threads(), "prompt_tokens": prompt_tokens,
-            "new_tokens": new_tokens, "rounds": rounds, "process_peak_mb": peak, "rows": [asdict(r) for r in rows]}
+            "new_tokens": new_tokens, "rounds": rounds, "mode": "generate, static cache" if compile else "manual loop, dynamic cache",
+            "torch": torch.__version__, "process_peak_mb": peak, "rows": [asdict(r) for r in rows]}
 
 
 def _peak_memory_mb(dev: torch.device) -> float:
@@ -324,8 +355,8 @@ def kernels_table(result: dict[str, Any]):
 def generate_table(result: dict[str, Any]):
     from rich.table import Table
 
-    table = Table(title=f"llmq bench generate — {result['device']}; prompt {result['prompt_tokens']}, "
-                        f"decode {result['new_tokens']} tokens, median of {result['rounds']} rounds; "
+    table = Table(title=f"llmq bench generate — {result['device']}; {result.get('mode', 'manual loop')}; prompt "
+                        f"{result['prompt_tokens']}, decode {result['new_tokens']} tokens, median of {result['rounds']} rounds; "
                         f"process peak {result['process_peak_mb']:.0f} MB")
     for col in ("model", "kernels", "weights MB", "prefill tok/s", "decode tok/s", "decode vs first row"):
         table.add_column(col, justify="left" if col in ("model", "kernels") else "right")

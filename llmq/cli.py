@@ -142,8 +142,9 @@ def _add_bench(sub) -> None:
     _add_timing_args(bk)
     bg = bsub.add_parser("generate", help="prefill and decode tokens/s and memory of a checkpoint against its base",
                          description="Greedy decoding with the KV cache from a random prompt, for the checkpoint and its base "
-                                     "model in each dtype, timed round-robin. On CPU, llmq's packed kernels serve bf16 "
-                                     "activations; fp32 runs the exact (slow) reference kernel.",
+                                     "model in each dtype, timed round-robin. On CPU, llmq's packed kernels serve every "
+                                     "dtype (bf16 inside). --compile times generate() with a static cache, eager and "
+                                     "torch.compile'd side by side (compiling takes minutes).",
                          epilog="Example: llmq bench generate out/w4g64-sym --json benchmarks/results/generate-w4.json")
     bg.add_argument("checkpoint", help="a checkpoint folder or alias")
     bg.add_argument("--base", help="the full-precision model to compare with (default: the recipe's model, when known)")
@@ -151,6 +152,8 @@ def _add_bench(sub) -> None:
                     help="activation dtypes to run each model in. Default: float32 bfloat16")
     bg.add_argument("--prompt-tokens", type=int, default=128, help="prompt length. Default: 128")
     bg.add_argument("--new-tokens", type=int, default=64, help="tokens to decode. Default: 64")
+    bg.add_argument("--compile", action="store_true",
+                    help="also run each model torch.compile'd (generate() with a static cache for every row)")
     _add_timing_args(bg)
 
 
@@ -228,7 +231,7 @@ def _bench(args) -> None:
         table = bench.kernels_table(result)
     else:
         result = bench.bench_generate(args.checkpoint, args.base, tuple(args.dtype), args.prompt_tokens, args.new_tokens,
-                                      args.rounds, args.device)
+                                      args.rounds, args.device, compile=args.compile)
         table = bench.generate_table(result)
     out = Console()
     if not out.is_terminal:

@@ -20,6 +20,7 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
+from .. import kernels
 from ..errors import LlmqError
 from ..model.structure import targeted_linears
 from ..numerics import Scheme
@@ -43,6 +44,10 @@ class LlmqHfQuantizer(HfQuantizer):
         replace_linears(model, cfg.scheme, names, scale_dtype, has_g_idx=cfg.g_idx)
         return model
 
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        kernels.prepare(model)  # packed copies built now, so a torch.compile of the loaded model traces no set-up
+        return model
+
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False
 
@@ -52,6 +57,12 @@ class LlmqHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+    @property
+    def is_compileable(self) -> bool:
+        """QuantLinear traces without graph breaks (custom op + aten ops; tests/kernels/test_compiled_and_dense.py),
+        so generate() may compile an llmq model's forward with a static cache, as it does a full-precision one."""
+        return True
 
 
 def install_quantized(

@@ -45,7 +45,7 @@ class QuantLinear(nn.Module):
         # a layer on the meta device (from_pretrained builds them there) cannot run: choose at its first real forward
         self.kernel = kernels.torch_ref.linear if device.type == "meta" else kernels.select(self.scheme, device, forced)
         self._kernel_name, self._kernel_device = forced, device
-        self.__dict__.pop("_cpu_packed", None)  # a packed CPU copy is rebuilt if the layer comes back
+        kernels.drop_derived(self)  # a kernel's own copy of the weights is rebuilt if that kernel comes back
 
     def load_qweight(self, qw: QWeight) -> None:
         """Pack an exact QWeight into this layer's buffers."""

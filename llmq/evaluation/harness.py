@@ -27,6 +27,7 @@ import torch
 
 from ..environment import gpu_available, world_size
 from ..errors import BadInputError
+from ..kernels.dense import exact_dense
 from .tasks import TASKS_DIR
 
 # Bootstrap resamples for the standard error of metrics without a closed form (perplexity); lm-eval's default
@@ -127,7 +128,8 @@ def run_task(lm, task: str, shots: int, limit: int | None, include: tuple[str, .
     from lm_eval import simple_evaluate
 
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # lm-eval's debug prints (batch sizes, bootstrapping); bars stay
+    # lm-eval's debug prints (batch sizes, bootstrapping) are dropped, its bars stay; an fp32 model scores exactly
+    with contextlib.redirect_stdout(io.StringIO()), exact_dense(lm.model):
         out = simple_evaluate(
             model=lm, tasks=[task], num_fewshot=shots, limit=limit, task_manager=task_manager(include),
             bootstrap_iters=BOOTSTRAP_ITERS, random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED,

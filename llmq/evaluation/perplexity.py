@@ -5,6 +5,9 @@ incomplete tail dropped, the first `max_windows` kept), and perplexity is exp(me
 token: seqlen - 1 per window, since each window starts fresh. The result always carries seqlen, window count
 and token count, because a perplexity without them cannot be compared with anything. (lm-eval's word perplexity
 is the task `llmq_wikitext`: a different, larger number, never mixed with this one.)
+
+A quantized model loaded in fp32 is evaluated exactly: its layers run the dense kernel (dequantized once, the
+reference's numbers bit for bit) instead of the bf16-inside CPU kernel a user's fp32 model runs for speed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from ..kernels.dense import exact_dense
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,11 @@ class Perplexity:
 def window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, desc: str = "perplexity") -> tuple[float, int]:
     """Sum of next-token NLL over all windows [n, seqlen] and the number of predicted tokens."""
     device = next(model.parameters(), next(model.buffers())).device
+    with exact_dense(model):
+        return _window_nll(model, windows, batch_size, desc, device)
+
+
+def _window_nll(model, windows, batch_size, desc, device) -> tuple[float, int]:
     total, count = 0.0, 0
     for batch in tqdm(torch.split(windows, batch_size), desc=desc, unit="batch", leave=False):
         batch = batch.to(device)

@@ -1,10 +1,16 @@
 """Kernel choice per layer. `select(scheme, device)` returns the matmul a QuantLinear calls.
 
 - CUDA: the Triton WnA16 kernels (triton_wna16.py) when triton is installed, else the torch reference.
-- CPU: cpu.py — torch's packed int4 / int8 ops for bf16 activations, the exact reference for everything else.
-- Anything else: the torch reference (torch_ref.py), which is also the oracle every kernel is tested against.
+- CPU: cpu.py — torch's packed int4 / int8 ops (bf16 inside), the exact reference for layers they cannot hold.
+- Anything else: the torch reference (torch_ref.py, the custom op `llmq::dequant_linear`), which is also the oracle
+  every kernel is tested against.
+- dense.py is chosen, not selected: it dequantizes once and keeps the weight (reference-exact, base-model memory);
+  evaluations of fp32 models run inside `dense.exact_dense(model)`.
 
-`LLMQ_KERNEL=reference|cpu|triton` in the environment, or `use(model, name)` on a loaded model, overrides the
+`prepare(model)` builds every layer's derived copy (packed layout, dense weight) up front, so a model compiled with
+torch.compile traces plain tensor ops with no per-call Python bookkeeping.
+
+`LLMQ_KERNEL=reference|cpu|triton|dense` in the environment, or `use(model, name)` on a loaded model, overrides the
 choice (benchmarks compare kernels side by side this way; `reference` reproduces the exact math). Choosing a
 kernel sets an attribute on one layer instance; it never patches a class for everyone. triton is imported only
 when a CUDA device or the `triton` kernel asks for it: CPU runs never load it, and tests that run the kernels under
@@ -20,10 +26,10 @@ import torch
 
 from ..errors import BadInputError
 from ..numerics import Scheme
-from . import cpu, torch_ref
+from . import cpu, dense, torch_ref
 
 Kernel = Callable[[torch.Tensor, torch.nn.Module], torch.Tensor]
-NAMES = ("reference", "cpu", "triton")
+NAMES = ("reference", "cpu", "triton", "dense")
 ENV = "LLMQ_KERNEL"
 
 
@@ -41,14 +47,16 @@ def by_name(name: str) -> Kernel:
         return cpu.linear
     if name == "triton":
         return _triton().linear
+    if name == "dense":
+        return dense.linear
     raise BadInputError(f"kernel {name!r}: expected one of {['auto', *NAMES]} (from {ENV} or kernels.use)")
 
 
 def name_of(kernel: Kernel) -> str:
     """The NAMES entry of a kernel function ('custom' for anything else)."""
     module = getattr(kernel, "__module__", "") or ""
-    return {f"{__name__}.torch_ref": "reference", f"{__name__}.cpu": "cpu", f"{__name__}.triton_wna16": "triton"}.get(
-        module, "custom")
+    return {f"{__name__}.torch_ref": "reference", f"{__name__}.cpu": "cpu", f"{__name__}.triton_wna16": "triton",
+            f"{__name__}.dense": "dense"}.get(module, "custom")
 
 
 def select(scheme: Scheme, device: torch.device | str, name: str | None = None) -> Kernel:
@@ -67,12 +75,39 @@ def select(scheme: Scheme, device: torch.device | str, name: str | None = None) 
     return torch_ref.linear
 
 
+def drop_derived(layer: torch.nn.Module) -> None:
+    """Free every kernel's derived copy of the layer's weights."""
+    for attr in (cpu.ATTR, dense.ATTR):
+        layer.__dict__.pop(attr, None)
+
+
+def quantized_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every quantized layer of `model` (a QuantLinear: any module with `choose_kernel`)."""
+    return [m for m in model.modules() if callable(getattr(m, "choose_kernel", None))]
+
+
+def prepare(model: torch.nn.Module) -> int:
+    """Settle every quantized layer's kernel for the device it is on and build the copy that kernel reads (the
+    CPU's packed layout, the dense weight), so the first forward — or a torch.compile trace — does no set-up.
+    Returns how many layers were prepared. Call it again after moving the model or changing its weights."""
+    layers = [m for m in quantized_layers(model) if not m.qweight.is_meta]
+    for layer in layers:
+        device = layer.qweight.device
+        if device != layer._kernel_device:
+            layer.choose_kernel(device, layer._kernel_name)
+        if layer.kernel is cpu.linear and device.type == "cpu":
+            cpu.packed_for(layer)
+        elif layer.kernel is dense.linear:
+            dense.linear(torch.zeros(1, layer.in_features, dtype=layer.scales.dtype, device=device), layer)
+    return len(layers)
+
+
 def use(model: torch.nn.Module, name: str) -> int:
     """Make every quantized layer of `model` (a QuantLinear: any module with `choose_kernel`) run kernel `name`
     ('auto' = the default choice); returns how many."""
     if name != "auto":
         by_name(name)  # an unknown name fails here, before any layer changed
-    layers = [m for m in model.modules() if callable(getattr(m, "choose_kernel", None))]
+    layers = quantized_layers(model)
     for layer in layers:
         layer.choose_kernel(layer.qweight.device, name)
     return len(layers)

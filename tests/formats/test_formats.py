@@ -32,6 +32,7 @@ from llmq.formats import compressed_tensors as ct
 from llmq.formats import gptq
 from llmq.formats.convert import LayerShape
 from llmq.formats.native import LlmqCodec
+from llmq.kernels.dense import exact_dense
 from llmq.model.structure import targeted_linears
 from llmq.numerics import QWeight, Scheme
 
@@ -84,8 +85,10 @@ INPUT = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(1
 
 
 def llmq_logits(folder: Path) -> torch.Tensor:
-    with torch.no_grad():
-        return llmq.load(folder, dtype=torch.float32)(INPUT).logits
+    """llmq's exact fp32 logits (the dense kernel: the checkpoint's values, no bf16 inside the CPU kernel)."""
+    model = llmq.load(folder, dtype=torch.float32)
+    with torch.no_grad(), exact_dense(model):
+        return model(INPUT).logits
 
 
 PEER_LOADER = textwrap.dedent("""
@@ -263,7 +266,7 @@ def test_import_reads_a_checkpoint_compressed_tensors_wrote(tiny_model_dir, tmp_
     done = formats.import_checkpoint(tmp_path / "theirs", tmp_path / "ours")
     assert done.layers == 14
     with torch.no_grad():
-        assert torch.equal(llmq.load(done.output_dir, dtype=torch.float32)(INPUT).logits, dense(INPUT).logits)
+        assert torch.equal(llmq_logits(done.output_dir), dense(INPUT).logits)
 
 
 @pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.group_size is None or 96 % s.group_size == 0], ids=str)

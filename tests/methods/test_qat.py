@@ -19,6 +19,7 @@ import yaml
 import llmq
 from llmq import cli, loading, numerics
 from llmq.errors import BadInputError, LlmqError
+from llmq.kernels.dense import exact_dense
 from llmq.methods import qat
 from llmq.methods.qat.training import STATE, STATE_KEY, step_windows
 from llmq.numerics import Scheme
@@ -132,11 +133,11 @@ def test_converted_model_equals_trained_fake_quant_model_exactly(tiny_model_dir,
     changed = sum(not torch.equal(done.qweights[n].scales, s) for n, s in _rtn_scales(tiny_model_dir, recipe).items())
     assert changed > 0  # training moved the scales: the comparison below is not of an untrained model
     llmq.checkpoint.hf.install_quantized(model, recipe.scheme.to_scheme(), done.qweights, torch.float32, recipe.targets, recipe.ignore)
-    with torch.no_grad():
+    with torch.no_grad(), exact_dense(model):  # llmq's exact fp32 kernel, as its evaluations run
         assert torch.equal(model(input_ids=ids).logits, fake)
     model.save_pretrained(tmp_path / "ckpt")
     reloaded = llmq.load(tmp_path / "ckpt")
-    with torch.no_grad():
+    with torch.no_grad(), exact_dense(reloaded):
         assert torch.equal(reloaded(input_ids=ids).logits, fake)
 
 

@@ -1,0 +1,40 @@
+"""Copies a kernel derives from a QuantLinear's buffers (a packed layout, a dequantized weight), kept on the layer.
+
+Why it exists: the fast kernels do not read llmq's on-disk layout directly; each builds its own copy of a layer's
+weights once and reuses it. Two kernels need the same bookkeeping — build on first use, rebuild when a buffer was
+replaced or written in place (load_state_dict after a first forward), drop when the kernel changes — so it lives
+here once. Under torch.compile the staleness check is skipped (it reads data pointers and version counters, which
+a traced graph cannot): a model is compiled after its weights are loaded, and `prepare` builds the copies eagerly
+so that the compiled forward finds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def buffers_key(layer) -> tuple:
+    """Identity of the layer's quantized buffers: changes when one is replaced or written in place."""
+    tensors = (layer.qweight, layer.scales, layer.qzeros, getattr(layer, "g_idx", None))
+    # inference tensors (made under torch.inference_mode) have no version counter: they cannot change in place
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) if t is not None else None
+                 for t in tensors)
+
+
+def cached(layer, attr: str, build: Callable[[Any, tuple], Any]) -> Any:
+    """`layer.<attr>`, built by `build(layer, key)` on first use and rebuilt when the buffers changed. The built
+    object must carry the key it was built for as `.key`."""
+    found = layer.__dict__.get(attr)
+    if torch.compiler.is_compiling():
+        if found is None:
+            raise RuntimeError(f"{type(layer).__name__}: its {attr} copy is built before compiling; call "
+                               "llmq.kernels.prepare(model) (or run one forward) before torch.compile")
+        return found
+    key = buffers_key(layer)
+    if found is None or found.key != key:
+        found = build(layer, key)
+        layer.__dict__[attr] = found
+    return found
