@@ -62,7 +62,9 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     packed = packed_for(layer)
     if packed.op is None:
         return torch_ref.linear(x, layer)
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.bfloat16:
+        x2 = x2.to(torch.bfloat16)
     if packed.op == "int4":
         if packed.perm is not None:
             x2 = x2.index_select(1, packed.perm)
@@ -71,10 +73,11 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), packed.weight, packed.scales)
         if packed.offset is not None:
             y = y.float() + x2.float().sum(-1, keepdim=True) * packed.offset
-    y = y.to(x.dtype)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def packed_for(layer) -> _Packed:

@@ -17,11 +17,15 @@ import torch
 
 
 def buffers_key(layer) -> tuple:
-    """Identity of the layer's quantized buffers: changes when one is replaced or written in place."""
-    tensors = (layer.qweight, layer.scales, layer.qzeros, getattr(layer, "g_idx", None))
-    # inference tensors (made under torch.inference_mode) have no version counter: they cannot change in place
-    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) if t is not None else None
-                 for t in tensors)
+    """Identity of the layer's quantized buffers: changes when one is replaced (a new data pointer: another tensor,
+    dtype or device) or written in place (its version counter). Runs on every eager forward, so it is kept lean."""
+    key = []
+    for t in (layer.qweight, layer.scales, layer.qzeros, layer.g_idx):
+        if t is None:
+            key.append(None)
+        else:  # inference tensors (made under torch.inference_mode) have no version counter: they cannot change
+            key += (t.data_ptr(), -1 if t.is_inference() else t._version)
+    return tuple(key)
 
 
 def cached(layer, attr: str, build: Callable[[Any, tuple], Any]) -> Any:
