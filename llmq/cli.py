@@ -14,7 +14,7 @@ import sys
 
 from .environment import DTYPES
 from .errors import BadInputError, LlmqError
-from .formats import EXPORT_FORMATS
+from .formats import EXPORT_FORMATS, gguf_export
 from .numerics import SUPPORTED_BITS
 
 STORE_HELP = "results store file (default: $LLMQ_RESULTS, else results.jsonl in $LLMQ_CACHE, default ~/.cache/llmq)"
@@ -67,18 +67,27 @@ def _add_validate(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    exp = sub.add_parser("export", help="write an llmq checkpoint as GPTQ or compressed-tensors",
-                         description="Rewrite an llmq checkpoint in a format that vLLM, SGLang and transformers serve. "
-                                     "The integer codes, scales and zero points are kept exactly; only the packing changes.",
-                         epilog="Example: llmq export out/gptq-w4g64 out/gptq-w4g64-vllm --format gptq")
-    exp.add_argument("checkpoint", help="an llmq checkpoint folder (the output of llmq run)")
+    exp = sub.add_parser("export", help="write an llmq checkpoint as GPTQ, compressed-tensors or GGUF",
+                         description="Rewrite an llmq checkpoint in a format that vLLM, SGLang, transformers or llama.cpp "
+                                     "serve. The integer codes are kept exactly; only the packing changes (GGUF: scales "
+                                     "in fp16, see the notes it prints).",
+                         epilog="Examples: llmq export out/gptq-w4g64 out/gptq-w4g64-vllm --format gptq\n"
+                                "          llmq export out/gptq-w4g32-sym out/model.gguf --format gguf --tokenizer-pre smollm",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("checkpoint", help="an llmq checkpoint folder (the output of llmq run); for gguf also a full-precision one")
     exp.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                      help="gptq: quant_method gptq (transformers via optimum + gptqmodel, vLLM, SGLang); "
-                          "compressed-tensors: pack-quantized (vLLM, SGLang, compressed-tensors)")
+                          "compressed-tensors: pack-quantized (vLLM, SGLang, compressed-tensors); "
+                          "gguf: one .gguf file for llama.cpp (Llama models; Q4_0 / Q4_1 / Q8_0 blocks)")
     exp.add_argument("--gptq-version", type=int, choices=[1, 2], default=1,
                      help="GPTQ zero-point convention: 1 stores zero - 1 (what most servers read; cannot store a zero "
                           "point of 0), 2 stores the true zero (GPTQModel). Default: 1")
-    _add_output_args(exp)
+    exp.add_argument("--embeddings", choices=gguf_export.EMBEDDING_TYPES, default="f16",
+                     help="gguf: type of the full-precision matrices (token embeddings, an untied lm_head). Default: f16")
+    exp.add_argument("--tokenizer-pre",
+                     help="gguf: llama.cpp's name for the model's pre-tokenizer (e.g. smollm, llama-bpe). Default: default")
+    exp.add_argument("output", help="the folder to write (gguf: the .gguf file)")
+    exp.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
 
 
 def _add_import(sub) -> None:
@@ -183,7 +192,8 @@ def _export_or_import(args) -> None:
     from . import formats
 
     if args.command == "export":
-        done = formats.export_checkpoint(args.checkpoint, args.output, args.format, args.gptq_version, args.overwrite)
+        done = formats.export_checkpoint(args.checkpoint, args.output, args.format, args.gptq_version, args.overwrite,
+                                         args.embeddings, args.tokenizer_pre)
     else:
         done = formats.import_checkpoint(args.checkpoint, args.output, args.overwrite)
     print(f"done: {done.output_dir} ({done.layers} quantized layers, {done.format}; source: {done.source.label})")

@@ -43,6 +43,21 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+@contextmanager
+def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary path next to `target`; on success it becomes `target` in one rename. An existing
+    target is refused before anything is written unless `overwrite` (an output file, unlike a resume file)."""
+    target = Path(target)
+    if target.exists() and (not overwrite or target.is_dir()):
+        what = "is a folder" if target.is_dir() else "already exists (pass --overwrite to replace it)"
+        raise BadInputError(f"output file {str(target)!r} {what}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with removed_on_failure(tmp):
+        yield tmp
+        os.replace(tmp, target)
+
+
 def torch_save_atomic(obj: Any, path: Path) -> None:
     """torch.save through a temporary file and a rename: internal resume files (activations, training state)."""
     tmp = path.with_name(path.name + ".tmp")

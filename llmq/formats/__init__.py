@@ -2,6 +2,7 @@
 
     llmq export out/w4 out/w4-gptq --format gptq                 # transformers (optimum + gptqmodel), vLLM, SGLang
     llmq export out/w4 out/w4-ct --format compressed-tensors     # vLLM, SGLang, compressed-tensors
+    llmq export out/w4 out/w4.gguf --format gguf                 # llama.cpp and the apps built on it (gguf_export.py)
     llmq import some-gptq-model out/imported                     # → llmq QuantLinear layers, llmq kernels and eval
 
 Conversions are exact: both directions go through the unpacked integer codes, scales and zero points (`QWeight`),
@@ -25,12 +26,12 @@ from ..errors import BadInputError
 from ..model.structure import decoder_blocks, skeleton
 from ..numerics import Scheme
 from ..reporting.cards import export_card, import_card
-from . import compressed_tensors, gptq
+from . import compressed_tensors, gguf_export, gptq
 from .convert import convert, linear_shapes, quantized_layers, unquantized_linears
 from .detect import Detected, ct_weight_args, detect, read_config, unsupported_message
 from .native import LlmqCodec, imported_config, is_trivial_g_idx
 
-EXPORT_FORMATS = ("gptq", "compressed-tensors")
+EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf")
 
 __all__ = ["EXPORT_FORMATS", "ConversionResult", "Detected", "detect", "export_checkpoint", "import_checkpoint", "imported_copy"]
 
@@ -56,11 +57,17 @@ def _llmq_source(src: Path) -> tuple[Detected, LlmqCodec, torch.dtype]:
     return found, LlmqCodec(cfg.scheme, has_g_idx=cfg.g_idx), dtype_of_config(read_config(src))
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_version: int = 1, overwrite: bool = False) -> ConversionResult:
-    """Write the llmq checkpoint `src` as a GPTQ (v1 or v2) or compressed-tensors pack-quantized checkpoint."""
+def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_version: int = 1, overwrite: bool = False,
+                      embeddings: str = "f16", tokenizer_pre: str | None = None) -> ConversionResult:
+    """Write the llmq checkpoint `src` as a GPTQ (v1 or v2) or compressed-tensors pack-quantized checkpoint, or as a
+    GGUF file (`embeddings`: the type of its full-precision matrices; `tokenizer_pre`: llama.cpp's pre-split rule)."""
     src, dst = Path(src), Path(dst)
     if format not in EXPORT_FORMATS:
         raise BadInputError(f"export format {format!r} is not supported (expected one of {', '.join(EXPORT_FORMATS)})")
+    if format == "gguf":
+        done = gguf_export.export_gguf(src, dst, embeddings, tokenizer_pre, overwrite)
+        label = "gguf " + ", ".join(f"{k}: {v}" for k, v in sorted(done.types.items()))
+        return ConversionResult(done.source, dst, done.layers, label, tuple(done.notes))
     if gptq_version not in gptq.VERSIONS:
         raise BadInputError(f"GPTQ version {gptq_version} does not exist (expected 1 or 2)")
     found, decoder, dtype = _llmq_source(src)
