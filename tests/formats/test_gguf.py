@@ -183,16 +183,50 @@ def test_cli_export_gguf_prints_the_types_and_notes(tiny_model_dir, tmp_path, ca
     assert main(["export", str(ckpt), str(tmp_path / "m.gguf"), "--format", "gguf"]) == 2  # exists: refused
 
 
-llama_cpp = None
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp")
 
 
-def _llama(path: Path):
-    global llama_cpp
-    llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+def _llama_logits(llama_cpp, path: Path) -> torch.Tensor:
+    """llama.cpp's logits for IDS, from its own CPU kernels."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    try:
+        llm.eval(IDS[0].tolist())
+        return torch.tensor(np.asarray(llm.scores[: IDS.shape[1]]), dtype=torch.float32)
+    finally:
+        llm.close()
 
 
-def _llama_logits(path: Path) -> torch.Tensor:
-    llm = _llama(path)
-    llm.eval(IDS[0].tolist())
-    return torch.tensor(np.array(llm.scores[: IDS.shape[1]]), dtype=torch.float32)
+@pytest.mark.parametrize("scheme", [{"bits": 4, "group_size": 32, "symmetric": True},
+                                    {"bits": 4, "group_size": 64, "symmetric": False},
+                                    {"bits": 8, "group_size": None, "symmetric": True}], ids=["q4_0", "q4_1", "q8_0"])
+def test_llama_cpp_loads_every_export_and_computes_llmqs_logits(llama_cpp, tiny_model_dir, tmp_path, scheme):
+    """The oracle: llama.cpp itself loads the file and its logits match llmq's exact ones. Its CPU kernels round the
+    activations to 8 bits for these block types, so the match is close, not exact: within 2% of the largest
+    logit, same argmax almost everywhere."""
+    ckpt = _quantized(tiny_model_dir, tmp_path / "q", scheme)
+    export_gguf(ckpt, tmp_path / "m.gguf", embeddings="f32")
+    theirs, ours = _llama_logits(llama_cpp, tmp_path / "m.gguf"), _llmq_logits(ckpt)[0]
+    assert (theirs - ours).abs().max() <= 0.02 * ours.abs().max()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+
+
+def test_llama_cpp_quantizes_our_full_precision_export(llama_cpp, tiny_model_dir, tmp_path):
+    """The F32 export is llama.cpp's starting point: it computes the base's logits (to fp32 rounding), and its own
+    quantizer (the peer the benchmarks compare with) turns it into a Q4_0 file it can run."""
+    import ctypes
+
+    from transformers import AutoModelForCausalLM
+
+    export_gguf(tiny_model_dir, tmp_path / "base.gguf", embeddings="f32")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = base(IDS).logits[0]
+    assert (_llama_logits(llama_cpp, tmp_path / "base.gguf") - ref).abs().max() <= 1e-3 * ref.abs().max()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "base.gguf").encode(), str(tmp_path / "q4_0.gguf").encode(),
+                                          ctypes.byref(params)) == 0
+    theirs = _llama_logits(llama_cpp, tmp_path / "q4_0.gguf")
+    assert theirs.shape == ref.shape and torch.isfinite(theirs).all()
