@@ -34,12 +34,28 @@ def _load(path: Path, what: str, syntax: str, parse, syntax_error: type[Exceptio
         raise BadInputError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
+# Keys users bring from the tools they know (llm-compressor / compressed-tensors, GPTQModel / AutoGPTQ, AutoAWQ),
+# and what llmq calls them: an unknown key that is one of these gets the llmq spelling in its message.
+PEER_KEYS = {
+    "num_bits": "bits", "wbits": "bits", "w_bit": "bits",
+    "q_group_size": "group_size", "groupsize": "group_size",
+    "sym": "symmetric", "zero_point": "symmetric (its opposite)",
+    "dampening_frac": "damp", "damp_percent": "damp",
+    "desc_act": "act_order", "actorder": "act_order",
+    "strategy": "group_size (strategy: channel is group_size: null; strategy: group is group_size: N)",
+    "quant_method": "method.name", "observer": "method.clip",
+}
+
+
 def first_error(e: ValidationError, root: type[BaseModel]) -> str:
     """The first problem of `e` as 'path: what is wrong (got value)'; `root` is the model that was validated."""
     err = e.errors()[0]
     path = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     path = path or "(top level)"
     if err["type"] == "extra_forbidden":
+        key = str(err["loc"][-1])
+        if key in PEER_KEYS:
+            return f"{path}: unknown key; llmq calls it {PEER_KEYS[key]}"
         return f"{path}: unknown key (expected one of {', '.join(_keys_at(root, err['loc'][:-1]))})"
     if err["type"] == "missing":
         return f"{path}: required key is missing"

@@ -66,6 +66,21 @@ def test_bad_recipes_name_the_key(data, expected):
     assert expected in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("data, expected", [
+    ({"scheme": {"num_bits": 4}}, "scheme.num_bits: unknown key; llmq calls it bits"),
+    ({"scheme": {"strategy": "channel"}}, "strategy: channel is group_size: null"),
+    ({"method": {"name": "gptq", "damp_percent": 0.01}}, "method.damp_percent: unknown key; llmq calls it damp"),
+    ({"method": {"name": "gptq", "dampening_frac": 0.01}}, "llmq calls it damp"),
+    ({"method": {"name": "gptq", "desc_act": True}}, "llmq calls it act_order"),
+    ({"method": {"name": "gptq", "actorder": "static"}}, "llmq calls it act_order"),
+])
+def test_peer_spellings_get_the_llmq_key(data, expected):
+    """Keys from llm-compressor / GPTQModel recipes are refused with the llmq name, not just a list of keys."""
+    with pytest.raises(BadInputError) as e:
+        Recipe.from_dict({"model": "m", **data})
+    assert expected in str(e.value)
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     with pytest.raises(BadInputError, match="does not exist"):
         Recipe.from_yaml(tmp_path / "nope.yaml")
