@@ -4,7 +4,8 @@
 
 1. llmq checkpoints on the Q4_0 grid: `recipes/gguf-q4_0.yaml` (GPTQ) and the same scheme with RTN; llmq's own exact
    fp32 perplexity of each (wiki, 16 x 2048, llmq's windows).
-2. `llmq export --format gguf` of each (token embeddings in F16), and of the base in F32.
+2. `llmq export --format gguf` of each (token embeddings in F16, the checkpoint's own values; for GPTQ also in Q8_0,
+   the type llama.cpp's Q4_0 gives SmolLM2's embeddings), and of the base in F32.
 3. llama.cpp's own quantizer (`llama_model_quantize` through llama-cpp-python) on that F32 base: Q4_0 and Q4_K_M.
 4. llama.cpp's perplexity of every file from its own logits, on the same token windows (llmq's tokenizer).
 Writes benchmarks/results/gguf_smollm2.json and .md. Needs llama-cpp-python (the test extra builds it).
@@ -109,11 +110,12 @@ def main() -> None:
     base_f32 = WORK / "base-f32.gguf"
     export_checkpoint(resolve("smollm2-135m"), base_f32, "gguf", embeddings="f32", tokenizer_pre="smollm", overwrite=True)
     files = {"base F32 (llmq export)": (base_f32, None)}
-    for method in ("gptq", "rtn"):
+    for method, embeddings in (("gptq", "f16"), ("gptq", "q8_0"), ("rtn", "f16")):
         ckpt = llmq_checkpoint(method)
-        out = WORK / f"llmq-{method}-q4_0.gguf"
-        export_checkpoint(ckpt, out, "gguf", embeddings="f16", tokenizer_pre="smollm", overwrite=True)
-        files[f"llmq {method.upper()} W4 g32 sym -> Q4_0 (embeddings F16)"] = (out, ckpt)
+        out = WORK / f"llmq-{method}-q4_0-{embeddings}.gguf"
+        export_checkpoint(ckpt, out, "gguf", embeddings=embeddings, tokenizer_pre="smollm", overwrite=True)
+        # llmq's own perplexity is of the same weights only with the checkpoint's own (fp16) embeddings
+        files[f"llmq {method.upper()} W4 g32 sym -> Q4_0, embeddings {embeddings.upper()}"] = (out, ckpt if embeddings == "f16" else None)
     for label, ftype in (("Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0), ("Q4_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
         out = WORK / f"llamacpp-{label.lower()}.gguf"
         llama_quantize(base_f32, out, ftype)
