@@ -30,7 +30,7 @@ from . import cpu, dense, torch_ref
 
 Kernel = Callable[[torch.Tensor, torch.nn.Module], torch.Tensor]
 NAMES = ("reference", "cpu", "triton", "dense")
-ENV = "LLMQ_KERNEL"
+ENV = dense.ENV  # "LLMQ_KERNEL", defined in dense.py, whose exact_dense honours it too
 
 
 def _triton():

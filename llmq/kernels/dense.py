@@ -10,6 +10,7 @@ inside the `with` block and gets its own kernel back, and its dense copy freed, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from . import derived, torch_ref
 
 ATTR = "_dense_weight"
+ENV = "LLMQ_KERNEL"  # the user's kernel choice (kernels.ENV); here because kernels/__init__ imports this module
 
 
 @dataclass
@@ -38,9 +40,14 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
 def exact_dense(model: torch.nn.Module) -> Iterator[int]:
     """Within the block, every quantized layer with fp32 scales (a model loaded in fp32, from_pretrained's default)
     runs the dense kernel: reference-exact numbers at the base model's speed, for evaluations. Layers in bf16 / fp16
-    keep their kernel (their fast kernels are what a user of that dtype runs). Yields how many layers it switched."""
+    keep their kernel (their fast kernels are what a user of that dtype runs), and so does a kernel the user chose
+    ($LLMQ_KERNEL, kernels.use): that is how to evaluate another kernel. Yields how many layers it switched."""
+    if os.environ.get(ENV, "auto") != "auto":
+        yield 0
+        return
     layers = [m for m in model.modules()
-              if callable(getattr(m, "choose_kernel", None)) and m.scales.dtype == torch.float32 and not m.qweight.is_meta]
+              if callable(getattr(m, "choose_kernel", None)) and m.scales.dtype == torch.float32 and not m.qweight.is_meta
+              and m._kernel_name is None]
     before = [m._kernel_name for m in layers]
     for m in layers:
         m.choose_kernel(m.qweight.device, "dense")

@@ -62,11 +62,15 @@ def test_exact_dense_scopes_fp32_layers_and_restores_their_kernels(monkeypatch):
     model = torch.nn.ModuleList([fp32, forced, half])
     x = torch.randn(3, 64)
     with dense.exact_dense(model) as switched:
-        assert switched == 2 and fp32.kernel is dense.linear and forced.kernel is dense.linear
+        assert switched == 1 and fp32.kernel is dense.linear
         assert half.kernel is cpu.linear  # bf16 layers keep their fast kernel
+        assert forced.kernel is torch_ref.linear  # a kernel the user chose is respected
         assert torch.equal(fp32(x), torch_ref.linear(x, fp32))
     assert fp32.kernel is cpu.linear and forced.kernel is torch_ref.linear
     assert dense.ATTR not in fp32.__dict__  # the full-precision copy is freed on leaving
+    monkeypatch.setenv(kernels.ENV, "cpu")  # evaluating the CPU kernel on purpose
+    with dense.exact_dense(model) as switched:
+        assert switched == 0 and fp32.kernel is cpu.linear
 
 
 def _tiny_quantized(tiny_model_dir, scheme: dict, dtype: str = "float32"):
