@@ -43,14 +43,20 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+def check_output_file(target: Path, overwrite: bool) -> None:
+    """Refuse an existing output file unless overwrite was asked for, and a folder in its place (before heavy work)."""
+    target = Path(target)
+    if target.exists() and (not overwrite or target.is_dir()):
+        what = "is a folder" if target.is_dir() else "already exists (pass --overwrite to replace it)"
+        raise BadInputError(f"output file {str(target)!r} {what}")
+
+
 @contextmanager
 def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary path next to `target`; on success it becomes `target` in one rename. An existing
     target is refused before anything is written unless `overwrite` (an output file, unlike a resume file)."""
     target = Path(target)
-    if target.exists() and (not overwrite or target.is_dir()):
-        what = "is a folder" if target.is_dir() else "already exists (pass --overwrite to replace it)"
-        raise BadInputError(f"output file {str(target)!r} {what}")
+    check_output_file(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     with removed_on_failure(tmp):

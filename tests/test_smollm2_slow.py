@@ -63,13 +63,15 @@ def test_smollm2_exports_load_in_transformers_and_import_back_exactly(tmp_path):
     from test_formats import PEER_LOADER, tensors
 
     from llmq import formats
+    from llmq.kernels.dense import exact_dense
 
     recipe = {"name": "w4", "model": "smollm2-135m", "method": "rtn", "scheme": {"bits": 4, "group_size": 64, "symmetric": False},
               "eval": None, "output": {"dir": str(tmp_path / "w4")}}
     src = llmq.run(recipe).output_dir
     ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = llmq.load(src, dtype=torch.float32)(ids).logits
+    model = llmq.load(src, dtype=torch.float32)
+    with torch.no_grad(), exact_dense(model):  # llmq's exact fp32 logits (not the CPU kernel's bf16 inside)
+        ref = model(ids).logits
     for fmt in ("gptq", "compressed-tensors"):
         done = formats.export_checkpoint(src, tmp_path / fmt, fmt, gptq_version=2)
         back = formats.import_checkpoint(done.output_dir, tmp_path / f"{fmt}-back")

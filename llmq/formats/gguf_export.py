@@ -34,7 +34,8 @@ import torch
 from ..checkpoint.config import LlmqConfig
 from ..checkpoint.safetensors_io import CheckpointReader
 from ..errors import BadInputError
-from ..io import atomic_file
+from ..io import atomic_file, check_output_file
+from ..model.structure import skeleton
 from ..numerics import QWeight, Scheme
 from .convert import LayerShape, linear_shapes
 from .detect import Detected, detect, read_config
@@ -159,6 +160,7 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
         raise BadInputError(f"embeddings {embeddings!r}: expected one of {', '.join(EMBEDDING_TYPES)}")
     if dst.suffix != ".gguf":
         raise BadInputError(f"{dst}: a GGUF export is one file; name it *.gguf")
+    check_output_file(dst, overwrite)  # before the work; again when the file is put in place
     found = detect(src)
     if found.kind not in ("llmq", "full-precision"):
         raise BadInputError(f"{src} is {found.label}; `llmq export --format gguf` reads llmq and full-precision checkpoints "
@@ -169,8 +171,6 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
     if found.kind == "llmq":
         cfg = LlmqConfig(**{k: v for k, v in found.quantization_config.items() if k != "quant_method"})
         codec = LlmqCodec(cfg.scheme, has_g_idx=cfg.g_idx)
-    from ..model.structure import skeleton
-
     shapes = linear_shapes(skeleton(src))
     reader = CheckpointReader(src)
     result = GgufExport(found, dst, 0)
@@ -178,7 +178,7 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
     _write_metadata(writer, config, src.name)
     notes = _write_tokenizer(writer, src, config, tokenizer_pre)
     scales_moved, mins_moved = Rounding(), Rounding()
-    tensors = _tensor_names(reader, shapes)
+    tensors = _tensor_names(reader)
     for hf_name, kind in tensors.items():
         name = gguf_name(hf_name)
         if name is None:
@@ -186,7 +186,7 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
         rows = _row_order(hf_name, config)
         if kind == "quantized":
             layer = shapes[hf_name]
-            qw = codec.decode({s: t for s, t in _read_layer(reader, hf_name, codec).items()}, layer)
+            qw = codec.decode(_read_layer(reader, hf_name, codec), layer)
             if rows is not None:
                 qw = QWeight(qw.q[rows], qw.scales[rows], qw.zeros[rows], qw.g_idx)
             qtype = block_type(codec.scheme, qw, layer)
@@ -210,7 +210,6 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
                      f"it by up to {mins_moved.worst:.2g} of a quantization step; symmetric schemes (Q4_0, Q8_0) export exactly")
     result.notes = notes
     with atomic_file(dst, overwrite) as tmp:
-        writer.path = Path(tmp)
         writer.write_header_to_file(path=Path(tmp))
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
@@ -304,7 +303,7 @@ def _write_tokenizer(writer, src: Path, config: dict, pre: str | None) -> list[s
     return notes
 
 
-def _tensor_names(reader: CheckpointReader, shapes: dict[str, LayerShape]) -> dict[str, str]:
+def _tensor_names(reader: CheckpointReader) -> dict[str, str]:
     """Every module the file needs, in checkpoint order: name -> 'quantized' | 'dense'."""
     out: dict[str, str] = {}
     for key in reader.keys():
@@ -315,8 +314,7 @@ def _tensor_names(reader: CheckpointReader, shapes: dict[str, LayerShape]) -> di
             out.setdefault(module, "dense")
         elif suffix not in ("scales", "qzeros", "g_idx"):
             raise BadInputError(f"{reader.folder}: tensor {key!r} has no place in a llama.cpp Llama file")
-    if "lm_head" not in out and "lm_head" in shapes:
-        pass  # tied to the embeddings: llama.cpp reads token_embd as the output matrix when output.weight is absent
+    # a tied lm_head is not in the checkpoint, and not in the file: llama.cpp then uses token_embd as its output matrix
     return out
 
 
