@@ -41,20 +41,16 @@ class Perplexity:
 def window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, desc: str = "perplexity") -> tuple[float, int]:
     """Sum of next-token NLL over all windows [n, seqlen] and the number of predicted tokens."""
     device = next(model.parameters(), next(model.buffers())).device
-    with exact_dense(model):
-        return _window_nll(model, windows, batch_size, desc, device)
-
-
-def _window_nll(model, windows, batch_size, desc, device) -> tuple[float, int]:
     total, count = 0.0, 0
-    for batch in tqdm(torch.split(windows, batch_size), desc=desc, unit="batch", leave=False):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += nll.item()
-        count += batch[:, 1:].numel()
+    with exact_dense(model):
+        for batch in tqdm(torch.split(windows, batch_size), desc=desc, unit="batch", leave=False):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += nll.item()
+            count += batch[:, 1:].numel()
     return total, count
 
 

@@ -68,6 +68,12 @@ def quantized_layers(reader: CheckpointReader, codec: Codec, shapes: dict[str, L
     return layers
 
 
+def read_layer(reader: CheckpointReader, name: str, codec: Codec) -> dict[str, torch.Tensor]:
+    """The tensors `codec` stores for the layer `name`, keyed by suffix (optional ones absent when not on disk)."""
+    wanted = [f"{name}.{s}" for s in codec.suffixes if f"{name}.{s}" in reader.weight_map]
+    return {k.rsplit(".", 1)[1]: t for k, t in reader.read(wanted).items()}
+
+
 def convert(
     src: Path,
     dst: Path,
@@ -100,9 +106,7 @@ def convert(
                 if key not in anchors:
                     continue
                 name = anchors[key]
-                wanted = [f"{name}.{s}" for s in decoder.suffixes if f"{name}.{s}" in reader.weight_map]
-                tensors = {k.rsplit(".", 1)[1]: t for k, t in reader.read(wanted).items()}
-                qw = decoder.decode(tensors, shapes[name])
+                qw = decoder.decode(read_layer(reader, name, decoder), shapes[name])
                 out.update({f"{name}.{s}": t.contiguous() for s, t in encoder.encode(qw, shapes[name]).items()})
             save_safetensors_atomic(out, tmp / file)
             weight_map.update(dict.fromkeys(out, file))

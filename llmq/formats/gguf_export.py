@@ -37,7 +37,7 @@ from ..errors import BadInputError
 from ..io import atomic_file, check_output_file
 from ..model.structure import skeleton
 from ..numerics import QWeight, Scheme
-from .convert import LayerShape, linear_shapes
+from .convert import LayerShape, linear_shapes, read_layer
 from .detect import Detected, detect, read_config
 from .native import LlmqCodec, is_trivial_g_idx
 
@@ -186,7 +186,7 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
         rows = _row_order(hf_name, config)
         if kind == "quantized":
             layer = shapes[hf_name]
-            qw = codec.decode(_read_layer(reader, hf_name, codec), layer)
+            qw = codec.decode(read_layer(reader, hf_name, codec), layer)
             if rows is not None:
                 qw = QWeight(qw.q[rows], qw.scales[rows], qw.zeros[rows], qw.g_idx)
             qtype = block_type(codec.scheme, qw, layer)
@@ -316,11 +316,6 @@ def _tensor_names(reader: CheckpointReader) -> dict[str, str]:
             raise BadInputError(f"{reader.folder}: tensor {key!r} has no place in a llama.cpp Llama file")
     # a tied lm_head is not in the checkpoint, and not in the file: llama.cpp then uses token_embd as its output matrix
     return out
-
-
-def _read_layer(reader: CheckpointReader, name: str, codec: LlmqCodec) -> dict[str, torch.Tensor]:
-    keys = [f"{name}.{s}" for s in codec.suffixes if f"{name}.{s}" in reader.weight_map]
-    return {k.rsplit(".", 1)[1]: t for k, t in reader.read(keys).items()}
 
 
 def _row_order(hf_name: str, config: dict) -> torch.Tensor | None:

@@ -27,6 +27,7 @@ import torch
 from ..errors import BadInputError
 from ..numerics import Scheme
 from . import cpu, dense, torch_ref
+from .derived import quantized_layers
 
 Kernel = Callable[[torch.Tensor, torch.nn.Module], torch.Tensor]
 NAMES = ("reference", "cpu", "triton", "dense")
@@ -81,11 +82,6 @@ def drop_derived(layer: torch.nn.Module) -> None:
         layer.__dict__.pop(attr, None)
 
 
-def quantized_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Every quantized layer of `model` (a QuantLinear: any module with `choose_kernel`)."""
-    return [m for m in model.modules() if callable(getattr(m, "choose_kernel", None))]
-
-
 def prepare(model: torch.nn.Module) -> int:
     """Settle every quantized layer's kernel for the device it is on and build the copy that kernel reads (the
     CPU's packed layout, the dense weight), so the first forward — or a torch.compile trace — does no set-up.
@@ -98,7 +94,7 @@ def prepare(model: torch.nn.Module) -> int:
         if layer.kernel is cpu.linear and device.type == "cpu":
             cpu.packed_for(layer)
         elif layer.kernel is dense.linear:
-            dense.linear(torch.zeros(1, layer.in_features, dtype=layer.scales.dtype, device=device), layer)
+            dense.dense_for(layer)
     return len(layers)
 
 

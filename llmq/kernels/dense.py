@@ -30,9 +30,14 @@ class _Dense:
     weight: torch.Tensor  # [out, in] in the dtype of the layer's scales, as the reference computes it
 
 
+def dense_for(layer) -> _Dense:
+    """The layer's dequantized weight, computed on first use and again when any of its buffers changed."""
+    return derived.cached(layer, ATTR, lambda lay, key: _Dense(key, torch_ref.dequantized_weight(lay)))
+
+
 def linear(x: torch.Tensor, layer) -> torch.Tensor:
     """Exactly torch_ref.linear, with the dequantized weight computed once per layer."""
-    w = derived.cached(layer, ATTR, lambda lay, key: _Dense(key, torch_ref.dequantized_weight(lay))).weight
+    w = dense_for(layer).weight
     return F.linear(x, w.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
 
 
@@ -45,14 +50,12 @@ def exact_dense(model: torch.nn.Module) -> Iterator[int]:
     if os.environ.get(ENV, "auto") != "auto":
         yield 0
         return
-    layers = [m for m in model.modules()
-              if callable(getattr(m, "choose_kernel", None)) and m.scales.dtype == torch.float32 and not m.qweight.is_meta
-              and m._kernel_name is None]
-    before = [m._kernel_name for m in layers]
+    layers = [m for m in derived.quantized_layers(model)
+              if m.scales.dtype == torch.float32 and not m.qweight.is_meta and m._kernel_name is None]
     for m in layers:
         m.choose_kernel(m.qweight.device, "dense")
     try:
         yield len(layers)
     finally:
-        for m, name in zip(layers, before, strict=True):
-            m.choose_kernel(m.qweight.device, name)  # frees the dense copy
+        for m in layers:
+            m.choose_kernel(m.qweight.device, None)  # back to the default choice; frees the dense copy

@@ -16,6 +16,11 @@ from typing import Any
 import torch
 
 
+def quantized_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every quantized layer of `model` (a QuantLinear: any module with `choose_kernel`)."""
+    return [m for m in model.modules() if callable(getattr(m, "choose_kernel", None))]
+
+
 def buffers_key(layer) -> tuple:
     """Identity of the layer's quantized buffers: changes when one is replaced (a new data pointer: another tensor,
     dtype or device) or written in place (its version counter). Runs on every eager forward, so it is kept lean."""
