@@ -6,6 +6,7 @@ with transformers.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -15,7 +16,7 @@ from ..numerics import Scheme
 from ..version import __version__
 
 QUANT_METHOD = "llmq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer schemes (`layers`); a checkpoint with one scheme is still written as version 1
 LAYER_KEYS = ("qweight", "scales", "qzeros")
 
 
@@ -31,7 +32,8 @@ class LlmqConfig(QuantizationConfigMixin):
         targets: list[str] | None = None,
         ignore: list[str] | None = None,
         g_idx: bool = False,
-        format_version: int = FORMAT_VERSION,
+        layers: dict[str, dict[str, Any]] | None = None,
+        format_version: int = 1,
         llmq_version: str | None = None,
         **kwargs: Any,
     ):
@@ -40,6 +42,7 @@ class LlmqConfig(QuantizationConfigMixin):
         self.targets = list(targets) if targets is not None else [r".*"]
         self.ignore = list(ignore) if ignore is not None else [r"lm_head"]
         self.g_idx = g_idx
+        self.layers = {name: dict(v) for name, v in (layers or {}).items()}  # layer -> {bits, group_size, sym}
         self.format_version = format_version
         self.llmq_version = llmq_version
         if format_version > FORMAT_VERSION:
@@ -49,14 +52,35 @@ class LlmqConfig(QuantizationConfigMixin):
             )
 
     @classmethod
-    def from_scheme(cls, scheme: Scheme, targets: list[str], ignore: list[str], g_idx: bool) -> LlmqConfig:
-        """The config of a checkpoint this llmq writes: every llmq checkpoint's config is made here."""
+    def from_scheme(cls, scheme: Scheme, targets: list[str], ignore: list[str], g_idx: bool,
+                    schemes: dict[str, Scheme] | None = None, skipped: list[str] = ()) -> LlmqConfig:
+        """The config of a checkpoint this llmq writes: every llmq checkpoint's config is made here. `schemes` (layer →
+        scheme) records the layers whose scheme differs from `scheme`; `skipped` layers (kept in full precision by an
+        override) join `ignore` by exact name, so readers of version 1 select the same layers."""
+        layers = {n: {"bits": s.bits, "group_size": s.group_size, "sym": s.symmetric}
+                  for n, s in sorted((schemes or {}).items()) if s != scheme}
+        ignore = list(ignore) + [re.escape(n) for n in sorted(skipped)]
         return cls(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric, format=scheme.format,
-                   targets=targets, ignore=ignore, g_idx=g_idx, llmq_version=__version__)
+                   targets=targets, ignore=ignore, g_idx=g_idx, layers=layers, format_version=2 if layers else 1,
+                   llmq_version=__version__)
 
     @property
     def scheme(self) -> Scheme:
+        """The default scheme: every quantized layer's unless `layers` names it (`scheme_for`)."""
         return Scheme(bits=self.bits, group_size=self.group_size, symmetric=self.sym, format=self.format)
+
+    def scheme_for(self, layer: str) -> Scheme:
+        if layer not in self.layers:
+            return self.scheme
+        v = self.layers[layer]
+        try:
+            return Scheme(bits=int(v["bits"]), group_size=v["group_size"], symmetric=bool(v["sym"]), format=self.format)
+        except (KeyError, TypeError, ValueError):
+            raise LlmqError(f"quantization_config.layers.{layer}: expected bits, group_size and sym, got {v!r}") from None
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.layers)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,5 +93,6 @@ class LlmqConfig(QuantizationConfigMixin):
             "targets": self.targets,
             "ignore": self.ignore,
             "g_idx": self.g_idx,
+            **({"layers": self.layers} if self.layers else {}),
             "llmq_version": self.llmq_version,
         }

@@ -41,7 +41,7 @@ class LlmqHfQuantizer(HfQuantizer):
             check_checkpoint_keys([str(f) for f in checkpoint_files], names, cfg.g_idx)
         # scales and bias follow the dtype the model is being built in (from_pretrained's `dtype`)
         scale_dtype = next(iter(layers.values())).weight.dtype if layers else torch.float32
-        replace_linears(model, cfg.scheme, names, scale_dtype, has_g_idx=cfg.g_idx)
+        replace_linears(model, {n: cfg.scheme_for(n) for n in names}, names, scale_dtype, has_g_idx=cfg.g_idx)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -73,16 +73,19 @@ def install_quantized(
     targets: list[str],
     ignore: list[str],
     has_g_idx: bool = False,
+    schemes: dict[str, Scheme] | None = None,
+    skipped: list[str] = (),
 ) -> None:
     """Make an in-memory model what `from_pretrained` builds from an llmq checkpoint: floating parameters cast to
     `dtype` (computed buffers such as rotary inv_freq stay fp32, as from_pretrained(dtype=...) leaves them), the
     layers named in `qweights` swapped for QuantLinear holding them, and the llmq quantization_config attached,
-    so `save_pretrained` writes a checkpoint. Every method's in-memory result goes through here."""
+    so `save_pretrained` writes a checkpoint. Every method's in-memory result goes through here. `schemes`: each
+    layer's scheme where they differ (default: `scheme` for all); `skipped`: layers an override kept in full precision."""
     for param in model.parameters():
         param.data = param.data.to(dtype)
     model.config.dtype = dtype
-    replace_linears(model, scheme, list(qweights), dtype, qweights, has_g_idx=has_g_idx)
-    model.config.quantization_config = LlmqConfig.from_scheme(scheme, targets, ignore, has_g_idx)
+    replace_linears(model, schemes or scheme, list(qweights), dtype, qweights, has_g_idx=has_g_idx)
+    model.config.quantization_config = LlmqConfig.from_scheme(scheme, targets, ignore, has_g_idx, schemes, skipped)
 
 
 def check_checkpoint_keys(files: list[str], layer_names: list[str], has_g_idx: bool) -> None:

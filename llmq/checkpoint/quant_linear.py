@@ -7,6 +7,8 @@ those into a module that holds the packed tensors and runs a kernel. The buffer 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -68,20 +70,21 @@ class QuantLinear(nn.Module):
 
 def replace_linears(
     model: nn.Module,
-    scheme: Scheme,
+    scheme: Scheme | Mapping[str, Scheme],
     names: list[str],
     dtype: torch.dtype,
     qweights: dict[str, QWeight] | None = None,
     has_g_idx: bool = False,
 ) -> None:
     """Swap the named nn.Linear layers for QuantLinear (on the Linear's device, meta included) and, when
-    `qweights` is given, pack each layer's QWeight into it."""
+    `qweights` is given, pack each layer's QWeight into it. `scheme`: one for every layer, or each layer's by name."""
     for name in names:
+        layer_scheme = scheme[name] if isinstance(scheme, Mapping) else scheme
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         lin = getattr(parent, child)
         ql = QuantLinear(
-            lin.in_features, lin.out_features, lin.bias is not None, scheme, dtype, has_g_idx, device=lin.weight.device
+            lin.in_features, lin.out_features, lin.bias is not None, layer_scheme, dtype, has_g_idx, device=lin.weight.device
         )
         if qweights is not None:
             ql.load_qweight(qweights[name])

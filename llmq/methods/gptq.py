@@ -185,8 +185,9 @@ def gptq_block(block: nn.Module, names: list[str], job: BlockJob) -> dict[str, Q
             for name in cluster:
                 t = time.perf_counter()
                 layer = block.get_submodule(name)
-                qw, loss, damp = gptq_quantize(layer.weight.data, hessian.H, job.scheme, job.config, job.scale_dtype)
-                layer.weight.data = numerics.dequantize(qw, job.scheme, dtype=layer.weight.dtype)
+                scheme = job.scheme_for(name)
+                qw, loss, damp = gptq_quantize(layer.weight.data, hessian.H, scheme, job.config, job.scale_dtype)
+                layer.weight.data = numerics.dequantize(qw, scheme, dtype=layer.weight.dtype)
                 out[name] = qw
                 job.log({"layer": name, "method": "gptq", "loss": loss, "damp": damp, "seconds": time.perf_counter() - t + calib_s})
             del hessian
@@ -194,7 +195,8 @@ def gptq_block(block: nn.Module, names: list[str], job: BlockJob) -> dict[str, Q
         if name not in out:
             t = time.perf_counter()
             layer = block.get_submodule(name)
-            out[name] = quantize_weight(layer.weight.data, job.scheme, job.config, job.scale_dtype)
-            layer.weight.data = numerics.dequantize(out[name], job.scheme, dtype=layer.weight.dtype)
+            scheme = job.scheme_for(name)
+            out[name] = quantize_weight(layer.weight.data, scheme, job.config, job.scale_dtype)
+            layer.weight.data = numerics.dequantize(out[name], scheme, dtype=layer.weight.dtype)
             job.log({"layer": name, "method": "rtn (not reached by calibration)", "seconds": time.perf_counter() - t})
     return out

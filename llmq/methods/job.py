@@ -25,3 +25,8 @@ class BlockJob:
     inputs: BlockInputs | None = None  # calibration activations entering this block (None for data-free methods)
     clusters: list[list[str]] | None = None  # the block's Linear layers in call order, grouped by shared input
     log: Callable[[dict[str, Any]], None] = field(default=lambda row: None)  # one row per quantized layer
+    schemes: dict[str, Scheme] = field(default_factory=dict)  # layers (block-relative names) whose scheme is not `scheme`
+
+    def scheme_for(self, name: str) -> Scheme:
+        """The scheme of the block's layer `name` (recipe overrides and budgets give layers their own)."""
+        return self.schemes.get(name, self.scheme)

@@ -50,7 +50,8 @@ def rtn_block(block: nn.Module, names: list[str], job: BlockJob) -> dict[str, QW
         for name in names:
             t = time.perf_counter()
             w = block.get_submodule(name).weight.data
-            out[name] = quantize_weight(w, job.scheme, job.config, job.scale_dtype)
-            err = (numerics.dequantize(out[name], job.scheme) - w.float()).pow(2).mean().item()
+            scheme = job.scheme_for(name)
+            out[name] = quantize_weight(w, scheme, job.config, job.scale_dtype)
+            err = (numerics.dequantize(out[name], scheme) - w.float()).pow(2).mean().item()
             job.log({"layer": name, "method": "rtn", "weight_mse": err, "seconds": time.perf_counter() - t})
     return out

@@ -33,8 +33,8 @@ def check_model_shapes(recipe: Recipe, folder: Path) -> dict[str, int]:
             + (" (`llmq import` turns it into an llmq checkpoint to evaluate or serve)" if found.importable else "")
         )
     layers = {n: m.in_features for n, m in targeted_linears(skeleton(folder), recipe.targets, recipe.ignore).items()}
-    check_against_layers(recipe, layers)
-    return layers
+    schemes = check_against_layers(recipe, layers)
+    return {n: layers[n] for n in schemes}
 
 
 def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Recipe:
@@ -73,4 +73,7 @@ def scheme_label(recipe: Recipe) -> str:
     s = recipe.scheme
     if s.format in BNB_FORMATS:
         return scheme_words(s.bits, s.group_size, s.symmetric, s.format)
-    return f"{scheme_words(s.bits, s.group_size, s.symmetric, short=True)}, clip={recipe.method.clip}"
+    mixed = " with per-layer overrides" if recipe.overrides else ""
+    if s.budget is not None:
+        mixed = " with per-layer schemes chosen to the budget"
+    return f"{scheme_words(s.bits, s.group_size, s.symmetric, short=True)}{mixed}, clip={recipe.method.clip}"

@@ -52,6 +52,8 @@ class QuantizeSummary:
     has_g_idx: bool = False
     resumed_at_block: int = 0
     seconds: float = 0.0
+    schemes: dict[str, Scheme] = field(default_factory=dict)  # each quantized layer's scheme
+    skipped: list[str] = field(default_factory=list)  # targeted layers kept in full precision by an override
 
 
 @dataclass
@@ -61,38 +63,52 @@ class _Plan:
     per_block: list[list[str]]  # targeted Linear names inside each block, relative to the block
     outside: list[str]  # targeted Linear layers outside the blocks (quantized with RTN: no activations reach them)
     has_g_idx: bool
+    schemes: dict[str, Scheme]  # every quantized layer's scheme, by full name
+    skipped: list[str]  # targeted layers an override keeps in full precision
+
+    def block_schemes(self, i: int | None) -> dict[str, Scheme]:
+        """Block i's layer schemes by block-relative name (i None: the layers outside the blocks, by full name)."""
+        if i is None:
+            return {n: self.schemes[n] for n in self.outside}
+        return {n: self.schemes[f"{self.prefix}.{i}.{n}"] for n in self.per_block[i]}
 
 
 def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
     if block_method(recipe.method) is None:
         raise LlmqError(f"method {recipe.method.name} trains the whole model; it has no block-by-block walk")
     layers = targeted_linears(model, recipe.targets, recipe.ignore)
-    check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
+    schemes = check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
+    skipped = [n for n in layers if n not in schemes]
+    layers = {n: m for n, m in layers.items() if n in schemes}
     prefix, blocks = decoder_blocks(model)
     per_block = [[n.removeprefix(f"{prefix}.{i}.") for n in layers if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
     outside = [n for n in layers if not n.startswith(f"{prefix}.")]
     m = recipe.method
-    has_g_idx = m.init_method == "gptq" and m.act_order and not m.static_groups and recipe.scheme.group_size is not None
-    return _Plan(prefix, blocks, per_block, outside, has_g_idx)
+    grouped = any(s.group_size is not None for s in schemes.values())
+    has_g_idx = m.init_method == "gptq" and m.act_order and not m.static_groups and grouped
+    return _Plan(prefix, blocks, per_block, outside, has_g_idx, schemes, skipped)
 
 
 def _batches(calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(torch.split(calibration, batch_size))
 
 
-def _job(recipe: Recipe, scale_dtype: torch.dtype, inputs, clusters, rows: list, block: str, log) -> BlockJob:
+def _job(recipe: Recipe, scale_dtype: torch.dtype, inputs, clusters, rows: list, block: str, log,
+         schemes: dict[str, Scheme]) -> BlockJob:
     def record(row: dict[str, Any]) -> None:
         row = {"block": block, **row}
         rows.append(row)
         log(row)
 
-    return BlockJob(recipe.scheme.to_scheme(), recipe.method, scale_dtype, inputs, clusters, record)
+    default = recipe.scheme.to_scheme()
+    own = {n: s for n, s in schemes.items() if s != default}
+    return BlockJob(default, recipe.method, scale_dtype, inputs, clusters, record, own)
 
 
-def _with_default_g_idx(qweights: dict[str, QWeight], scheme: Scheme) -> dict[str, QWeight]:
+def _with_default_g_idx(qweights: dict[str, QWeight], schemes: dict[str, Scheme]) -> dict[str, QWeight]:
     """When the checkpoint stores g_idx, every layer needs one; layers quantized without act order get the trivial one."""
     return {
-        n: qw if qw.g_idx is not None else qw._replace(g_idx=numerics.default_g_idx(qw.q.shape[1], scheme, qw.q.device))
+        n: qw if qw.g_idx is not None else qw._replace(g_idx=numerics.default_g_idx(qw.q.shape[1], schemes[n], qw.q.device))
         for n, qw in qweights.items()
     }
 
@@ -107,7 +123,7 @@ def quantize_model(
     leave the dequantized weights in the model's Linear layers (the caller swaps them for QuantLinear)."""
     t0 = time.perf_counter()
     plan, method = _plan(model, recipe), block_method(recipe.method)
-    summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx)
+    summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, schemes=plan.schemes, skipped=plan.skipped)
     inputs = clusters = None
     if method.needs_calibration:
         if calibration is None:
@@ -117,15 +133,16 @@ def quantize_model(
         clusters = linear_clusters(plan.blocks[0], inputs)
     qweights: dict[str, QWeight] = {}
     for i, block in enumerate(tqdm(plan.blocks, desc=f"{recipe.method.name} blocks", unit="block", leave=False)):
-        job = _job(recipe, scale_dtype, inputs, clusters, summary.rows, str(i), log)
+        job = _job(recipe, scale_dtype, inputs, clusters, summary.rows, str(i), log, plan.block_schemes(i))
         for name, qw in method.quantize_block(block, plan.per_block[i], job).items():
             qweights[f"{plan.prefix}.{i}.{name}"] = qw
         if inputs is not None and i + 1 < len(plan.blocks):
             inputs.advance(block)
     if plan.outside:
-        qweights.update(rtn_block(model, plan.outside, _job(recipe, scale_dtype, None, None, summary.rows, "-", log)))
+        outside_job = _job(recipe, scale_dtype, None, None, summary.rows, "-", log, plan.block_schemes(None))
+        qweights.update(rtn_block(model, plan.outside, outside_job))
     if plan.has_g_idx:
-        qweights = _with_default_g_idx(qweights, recipe.scheme.to_scheme())
+        qweights = _with_default_g_idx(qweights, plan.schemes)
     summary.layers = list(qweights)
     summary.seconds = time.perf_counter() - t0
     return qweights, summary
@@ -147,7 +164,8 @@ def _unique_state_keys(module: nn.Module, skip_prefix: str | None = None) -> lis
 
 
 def _shard_tensors(
-    module: nn.Module, prefix: str, keys: list[str], qweights: dict[str, QWeight], scheme: Scheme, dtype: torch.dtype
+    module: nn.Module, prefix: str, keys: list[str], qweights: dict[str, QWeight], schemes: dict[str, Scheme],
+    dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
     """What one shard holds: packed tensors for the quantized layers, everything else with floating parameters
     cast to `dtype` (buffers keep theirs), as save_pretrained would write them."""
@@ -161,7 +179,7 @@ def _shard_tensors(
         t = state[k]
         tensors[prefix + k] = (t.to(dtype) if k in params and t.is_floating_point() else t).detach().cpu().contiguous()
     for layer, qw in qweights.items():
-        for leaf, t in numerics.pack_qweight(qw, scheme, dtype).items():
+        for leaf, t in numerics.pack_qweight(qw, schemes[layer], dtype).items():
             tensors[f"{prefix}{layer}.{leaf}"] = t.cpu().contiguous()
     return tensors
 
@@ -203,7 +221,7 @@ def quantize_checkpoint(
     walk.write_outside_blocks()
     walk.add_finished_blocks()
     walk.quantize_blocks(inputs)
-    _write_metadata(work, base_dir, walk.config, recipe, walk.weight_map, scale_dtype, walk.plan.has_g_idx)
+    _write_metadata(work, base_dir, walk.config, recipe, walk.weight_map, scale_dtype, walk.plan)
     walk.summary.seconds = time.perf_counter() - t0
     return walk.summary
 
@@ -243,16 +261,13 @@ class _DiskWalk:
         done = blocks_done(work, key, len(plan.blocks))
         if done:
             logger.info(f"resuming at block {done} of {len(plan.blocks)} from {work}")
-        summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, resumed_at_block=done)
+        summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, resumed_at_block=done, schemes=plan.schemes,
+                                  skipped=plan.skipped)
         return cls(recipe, work, config, model, plan, reader, scale_dtype, device, key, done, log, summary)
 
     @property
     def method(self):
         return block_method(self.recipe.method)
-
-    @property
-    def scheme(self) -> Scheme:
-        return self.recipe.scheme.to_scheme()
 
     def shard(self, i: int) -> str:
         """Block i's shard; the one after the last block holds everything outside the blocks."""
@@ -285,12 +300,13 @@ class _DiskWalk:
         """RTN for targeted layers outside the blocks (no activations reach them); the last shard; then they go."""
         outside_q = {}
         if self.plan.outside:
-            job = _job(self.recipe, self.scale_dtype, None, None, self.summary.rows, "-", self.log)
+            outside = self.plan.block_schemes(None)
+            job = _job(self.recipe, self.scale_dtype, None, None, self.summary.rows, "-", self.log, outside)
             outside_q = rtn_block(self.model, self.plan.outside, job)
             if self.plan.has_g_idx:
-                outside_q = _with_default_g_idx(outside_q, self.scheme)
+                outside_q = _with_default_g_idx(outside_q, outside)
             self.summary.layers += list(outside_q)
-        rest = _shard_tensors(self.model, "", self.rest_keys, outside_q, self.scheme, self.scale_dtype)
+        rest = _shard_tensors(self.model, "", self.rest_keys, outside_q, self.plan.block_schemes(None), self.scale_dtype)
         last = self.shard(len(self.plan.blocks))
         _save_atomic(rest, self.work / last)
         self.weight_map.update(dict.fromkeys(rest, last))
@@ -324,11 +340,12 @@ class _DiskWalk:
                 self.reader.materialize(block, prefix, block_keys, self.device)
                 if clusters is None and inputs is not None:
                     clusters = linear_clusters(block, inputs)
-                job = _job(self.recipe, self.scale_dtype, inputs, clusters, self.summary.rows, str(i), self.log)
+                schemes = self.plan.block_schemes(i)
+                job = _job(self.recipe, self.scale_dtype, inputs, clusters, self.summary.rows, str(i), self.log, schemes)
                 qweights = self.method.quantize_block(block, self.plan.per_block[i], job)
                 if self.plan.has_g_idx:
-                    qweights = _with_default_g_idx(qweights, self.scheme)
-                tensors = _shard_tensors(block, prefix, block_keys, qweights, self.scheme, self.scale_dtype)
+                    qweights = _with_default_g_idx(qweights, schemes)
+                tensors = _shard_tensors(block, prefix, block_keys, qweights, schemes, self.scale_dtype)
                 self.weight_map.update(dict.fromkeys(tensors, self.shard(i)))
                 self.summary.layers += [prefix + n for n in qweights]
                 if pending is not None:
@@ -345,10 +362,11 @@ class _DiskWalk:
                 pending.result()
 
 
-def _write_metadata(work: Path, base_dir: Path, config, recipe: Recipe, weight_map: dict, dtype, has_g_idx: bool) -> None:
+def _write_metadata(work: Path, base_dir: Path, config, recipe: Recipe, weight_map: dict, dtype, plan: _Plan) -> None:
     """The last step: index, config.json with the llmq quantization_config, generation config; resume files go."""
     write_index(work, weight_map)
-    config.quantization_config = LlmqConfig.from_scheme(recipe.scheme.to_scheme(), recipe.targets, recipe.ignore, has_g_idx)
+    config.quantization_config = LlmqConfig.from_scheme(recipe.scheme.to_scheme(), recipe.targets, recipe.ignore,
+                                                        plan.has_g_idx, plan.schemes, plan.skipped)
     config.dtype = dtype
     config.save_pretrained(work)
     if (Path(base_dir) / "generation_config.json").is_file():

@@ -33,9 +33,9 @@ def quantize(
         if training is None:
             raise BadInputError("method qat needs training token windows ([n, seqlen] token ids)")
         done = qat.quantize_model(model.float(), recipe, dtype, training, calibration)
-        qweights, has_g_idx = done.qweights, done.has_g_idx
+        qweights, summary = done.qweights, done.init
     else:
         qweights, summary = blockwise.quantize_model(model, recipe, dtype, calibration)
-        has_g_idx = summary.has_g_idx
-    install_quantized(model, scheme, qweights, dtype, recipe.targets, recipe.ignore, has_g_idx=has_g_idx)
-    return list(layers)
+    install_quantized(model, scheme, qweights, dtype, recipe.targets, recipe.ignore, has_g_idx=summary.has_g_idx,
+                      schemes=summary.schemes, skipped=summary.skipped)
+    return list(qweights)

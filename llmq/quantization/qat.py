@@ -32,9 +32,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class QatResult:
     qweights: dict[str, QWeight]
-    has_g_idx: bool
+    init: QuantizeSummary  # the initialisation's walk: per-layer rows (rtn weight error / gptq loss), schemes, g_idx
     train: training.TrainStats
-    init_rows: list[dict[str, Any]]  # the initialisation's per-layer rows (rtn weight error / gptq loss)
     init_seconds: float
     init_eval_seconds: float = 0.0
 
@@ -66,8 +65,7 @@ def quantize_model(
     qweights, summary = blockwise.quantize_model(model, init_recipe(recipe), scale_dtype, calibration, log)
     init_seconds = time.perf_counter() - t
     logger.info(f"initialised from {recipe.method.init} in {init_seconds:.1f} s")
-    scheme = recipe.scheme.to_scheme()
-    prepare(model, qweights, scheme, scale_dtype, recipe.method)
+    prepare(model, qweights, summary.schemes, scale_dtype, recipe.method)
     deadline = None if cfg.budget.minutes is None else started + cfg.budget.minutes * 60
     eval_seconds = 0.0
     if evaluate_init is not None:
@@ -83,7 +81,7 @@ def quantize_model(
     del teacher
     if len(stats.losses) < stats.steps:
         raise LlmqError(f"stopped after step {stop_after} of {stats.steps} (as asked)")
-    return QatResult(convert(model), summary.has_g_idx, stats, summary.rows, init_seconds, eval_seconds)
+    return QatResult(convert(model), summary, stats, init_seconds, eval_seconds)
 
 
 def quantize_checkpoint(
@@ -114,10 +112,12 @@ def quantize_checkpoint(
         model, recipe, scale_dtype, train_windows, calibration, key=run_key(recipe, base_dir, calibration, train_windows), state_path=state_path,
         started=t0, evaluate_init=evaluate_init, log=log, stop_after=stop_after,
     )
-    summary = QuantizeSummary(layers=list(done.qweights), rows=done.init_rows, has_g_idx=done.has_g_idx)
+    init = done.init
+    summary = QuantizeSummary(layers=list(done.qweights), rows=init.rows, has_g_idx=init.has_g_idx, schemes=init.schemes,
+                              skipped=init.skipped)
     if main:
         install_quantized(model, recipe.scheme.to_scheme(), done.qweights, scale_dtype, recipe.targets, recipe.ignore,
-                          has_g_idx=done.has_g_idx)
+                          has_g_idx=init.has_g_idx, schemes=init.schemes, skipped=init.skipped)
         model.save_pretrained(work)
         state_path.unlink(missing_ok=True)
         training.state_key_path(state_path).unlink(missing_ok=True)

@@ -79,8 +79,113 @@ class SchemeConfig(Strict):
             raise ValueError(f"{v} must be a positive integer, or null for per-channel")
         return v
 
+    budget: SizeBudget | None = None
+
     def to_scheme(self) -> Scheme:
         return Scheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, format=self.format)
+
+
+def _scheme_dict(data: Any, where: str) -> Any:
+    """A candidate or override written as a preset name, a short name (W3g64, W4g128-sym, W8) or a mapping."""
+    if isinstance(data, str):
+        short = re.fullmatch(r"[wW]([2348])(?:[gG](\d+))?(-sym|-asym)?", data.strip())
+        if short:
+            return {"bits": int(short[1]), "group_size": int(short[2]) if short[2] else None,
+                    "symmetric": short[3] == "-sym"}
+        if data.upper() in PRESETS:
+            return {"preset": data}
+        raise ValueError(f"{where} {data!r} is neither a short name (W3g64, W4g128-sym, W8 = per-channel) nor a preset "
+                         f"({', '.join(PRESETS)})")
+    return data
+
+
+class LayerOverride(Strict):
+    """One entry of `overrides:`: the layers its `targets` match (regexes, or llm-compressor's `re:` form) take this
+    scheme — the keys given replace the recipe's scheme's — or, with `skip: true`, stay in full precision. The first
+    override that matches a layer decides it."""
+
+    targets: list[str]
+    skip: bool = False
+    preset: str | None = None
+    bits: int | None = None
+    group_size: int | None | Literal["inherit"] = "inherit"
+    symmetric: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("preset"), str):
+            name = data["preset"].upper()
+            if name not in PRESETS or "format" in PRESETS[name]:
+                raise ValueError(f"unknown preset {data['preset']!r} (expected one of the integer presets "
+                                 f"{', '.join(k for k, v in PRESETS.items() if 'format' not in v)})")
+            data = {**PRESETS[name], **data, "preset": name}
+        return data
+
+    @field_validator("targets")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one layer pattern")
+        for p in v:
+            try:
+                re.compile(p[3:] if p.startswith("re:") else p)
+            except re.error as e:
+                raise ValueError(f"{p!r} is not a valid regular expression ({e})") from None
+        return v
+
+    @model_validator(mode="after")
+    def _scheme_or_skip(self) -> LayerOverride:
+        given = self.bits is not None or self.group_size != "inherit" or self.symmetric is not None
+        if self.skip and given:
+            raise ValueError("skip: true keeps the layers in full precision; give no bits / group_size / symmetric with it")
+        if not self.skip and not given:
+            raise ValueError("give the scheme keys that change (bits, group_size, symmetric, preset), or skip: true")
+        if self.bits is not None and self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits: {self.bits} is not supported (expected one of {', '.join(map(str, SUPPORTED_BITS))})")
+        if isinstance(self.group_size, int) and self.group_size <= 0:
+            raise ValueError(f"group_size: {self.group_size} must be a positive integer, or null for per-channel")
+        return self
+
+    def scheme_over(self, default: Scheme) -> Scheme:
+        """This override's scheme: its keys over `default`'s."""
+        return Scheme(bits=default.bits if self.bits is None else self.bits,
+                      group_size=default.group_size if self.group_size == "inherit" else self.group_size,
+                      symmetric=default.symmetric if self.symmetric is None else self.symmetric)
+
+
+class SizeBudget(Strict):
+    """`scheme.budget`: choose each targeted layer's scheme among `candidates` so that the measured sensitivity summed
+    over the layers is least while the model fits the budget — exactly one of `bits_per_weight` (over the targeted
+    Linear layers, with scales, zero points and g_idx as llmq stores them) or `size_mb` (the whole checkpoint's
+    tensors, 10^6 bytes). Candidates default to 2, 3, 4 and 8 bits with the scheme's group size and symmetry.
+    Sensitivity is measured on the first `sensitivity_samples` calibration windows (sensitivity.py)."""
+
+    bits_per_weight: float | None = Field(None, gt=0, le=32)
+    size_mb: float | None = Field(None, gt=0)
+    candidates: list[SchemeConfig] | None = None
+    sensitivity_samples: int = Field(8, ge=1)
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _short_names(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [_scheme_dict(c, "candidate") for c in v]
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> SizeBudget:
+        given = [k for k in ("bits_per_weight", "size_mb") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of bits_per_weight or size_mb (got {', '.join(given) or 'none'})")
+        if self.candidates is not None:
+            if not self.candidates:
+                raise ValueError("candidates: name at least one scheme")
+            if any(c.format != "int" for c in self.candidates):
+                raise ValueError("candidates: integer schemes only (bitsandbytes formats do not mix per layer)")
+            if len({c.to_scheme() for c in self.candidates}) != len(self.candidates):
+                raise ValueError("candidates: a scheme is listed twice")
+        return self
 
 
 class MethodConfig(Strict):
@@ -274,6 +379,7 @@ class Recipe(Strict):
     scheme: SchemeConfig = SchemeConfig()
     targets: list[str] = [r".*"]
     ignore: list[str] = [r"lm_head"]
+    overrides: list[LayerOverride] = []
     calibration: CalibrationConfig = CalibrationConfig()
     training: TrainingConfig | None = None  # QAT only; default TrainingConfig() when method is qat
     eval: EvalConfig | None = EvalConfig()
@@ -300,7 +406,7 @@ class Recipe(Strict):
     def _regexes(cls, v: list[str]) -> list[str]:
         for pattern in v:
             try:
-                re.compile(pattern)
+                re.compile(pattern[3:] if pattern.startswith("re:") else pattern)
             except re.error as e:
                 raise ValueError(f"{pattern!r} is not a valid regular expression ({e})") from None
         return v
@@ -323,6 +429,12 @@ class Recipe(Strict):
                              "(use method gptq for a clipped, error-compensated one)")
         if m.name == "gptq" and m.act_order and not m.static_groups:
             raise ValueError(f"format {fmt} stores blocks in column order: act_order needs static_groups: true")
+        return self
+
+    @model_validator(mode="after")
+    def _mixing_fits(self) -> Recipe:
+        if self.scheme.format != "int" and (self.overrides or self.scheme.budget is not None):
+            raise ValueError(f"scheme.format {self.scheme.format}: overrides and budgets mix integer schemes only")
         return self
 
     @model_validator(mode="after")

@@ -49,13 +49,13 @@ def qat_block(block: nn.Module, names: list[str], job: BlockJob, init: BlockMeth
     t0 = time.perf_counter()
     targets = job.inputs.outputs(block)
     qweights = init(block, names, job)
-    prepare(block, qweights, job.scheme, job.scale_dtype, job.config)
+    prepare(block, qweights, {n: job.scheme_for(n) for n in qweights}, job.scale_dtype, job.config)
     init_loss = block_mse(block, job, targets)  # the fake-quant block computes exactly the init's quantized block
     _train(block, job, targets)
     trained = convert(block)
     for name in names:  # back to plain Linear layers holding the exact dequantized weights
         fake = block.get_submodule(name)
-        block.set_submodule(name, _linear(fake, numerics.dequantize(trained[name], job.scheme)))
+        block.set_submodule(name, _linear(fake, numerics.dequantize(trained[name], job.scheme_for(name))))
     loss = block_mse(block, job, targets)
     seconds = (time.perf_counter() - t0) / max(len(names), 1)
     for name in names:

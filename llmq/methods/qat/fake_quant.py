@@ -17,6 +17,8 @@ so it does not use the one-block-at-a-time walk on disk — only, in memory, for
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,13 +62,15 @@ class FakeQuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.scheme.bits}, trains={trains}"
 
 
-def prepare(model: nn.Module, qweights: dict[str, QWeight], scheme: Scheme, scale_dtype: torch.dtype, method: MethodConfig) -> None:
+def prepare(model: nn.Module, qweights: dict[str, QWeight], scheme: Scheme | Mapping[str, Scheme], scale_dtype: torch.dtype,
+            method: MethodConfig) -> None:
     """Swap each layer named in `qweights` (nn.Linear) for a FakeQuantLinear started from its QWeight, and freeze
     every other parameter. With GPTQ's result the latent weight is its dequantized weight (what GPTQ leaves in the
-    Linear layers), so the fake-quant model starts exactly at the PTQ model."""
+    Linear layers), so the fake-quant model starts exactly at the PTQ model. `scheme`: one for all, or each layer's."""
     model.requires_grad_(False)
     for name, qw in qweights.items():
-        model.set_submodule(name, FakeQuantLinear(model.get_submodule(name), qw, scheme, scale_dtype, method))
+        layer_scheme = scheme[name] if isinstance(scheme, Mapping) else scheme
+        model.set_submodule(name, FakeQuantLinear(model.get_submodule(name), qw, layer_scheme, scale_dtype, method))
 
 
 def fake_quant_layers(model: nn.Module) -> dict[str, FakeQuantLinear]:
