@@ -363,6 +363,16 @@ def pack_qweight(qw: QWeight, scheme: Scheme, dtype: torch.dtype) -> dict[str, T
     return tensors
 
 
+def stored_bits(out_features: int, in_features: int, scheme: Scheme, scale_dtype: torch.dtype, has_g_idx: bool) -> int:
+    """Bits one layer's weight takes in an llmq checkpoint: exactly the tensors `pack_qweight` writes (codes, scales,
+    zero points, g_idx; bias is not part of the weight)."""
+    groups = scheme.n_groups(in_features)
+    bits = packed_len(in_features, scheme.bits) * out_features * 32  # qweight
+    bits += groups * out_features * torch.finfo(scale_dtype).bits  # scales
+    bits += groups * packed_len(out_features, scheme.bits) * 32  # qzeros
+    return bits + (in_features * 32 if has_g_idx else 0)
+
+
 def unpack_qweight(
     qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor | None, scheme: Scheme, in_features: int
 ) -> QWeight:

@@ -7,12 +7,15 @@ from pathlib import Path
 
 from .. import data, formats
 from ..describe import scheme_words
+from ..environment import DTYPES
 from ..errors import BadInputError
 from ..evaluation import suite as suites
 from ..formats import bitsandbytes as bnb_format
 from ..methods import needs_calibration
 from ..model.resolve import resolve
 from ..model.structure import skeleton, targeted_linears
+from ..quantization import budget
+from ..quantization.blockwise import stores_g_idx
 from ..recipe import BNB_FORMATS, Recipe, check_against_layers
 
 
@@ -32,8 +35,13 @@ def check_model_shapes(recipe: Recipe, folder: Path) -> dict[str, int]:
             f"model {recipe.model!r} is {found.label}: llmq quantizes full-precision checkpoints"
             + (" (`llmq import` turns it into an llmq checkpoint to evaluate or serve)" if found.importable else "")
         )
-    layers = {n: m.in_features for n, m in targeted_linears(skeleton(folder), recipe.targets, recipe.ignore).items()}
+    model = skeleton(folder)
+    linears = targeted_linears(model, recipe.targets, recipe.ignore)
+    layers = {n: m.in_features for n, m in linears.items()}
     schemes = check_against_layers(recipe, layers)
+    if recipe.scheme.budget is not None:  # a budget no candidate assignment can meet fails here
+        has_g_idx = stores_g_idx(recipe, [*schemes.values(), *budget.candidates(recipe)])
+        budget.plan_budget(recipe, model, linears, schemes, DTYPES[recipe.output.dtype], has_g_idx)
     return {n: layers[n] for n in schemes}
 
 
@@ -46,7 +54,7 @@ def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Re
     if recipe.eval is not None:
         data.load_text(recipe.eval.data)  # a wrong data spec fails here, not after quantizing
         eval_suite(recipe)  # a wrong suite, task name or threshold key too
-    if needs_calibration(recipe.method):
+    if needs_calibration(recipe.method) or recipe.scheme.budget is not None:
         data.load_text(recipe.calibration.data)
     if recipe.training is not None:
         data.load_text(recipe.training.data)

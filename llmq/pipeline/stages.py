@@ -28,7 +28,7 @@ from rich.console import Console
 
 from .. import data
 from ..calibration import calibration_batches
-from ..environment import DTYPES, is_main_process, world_size
+from ..environment import DTYPES, default_device, is_main_process, world_size
 from ..errors import BadInputError
 from ..evaluation.gate import GateFailed
 from ..evaluation.gate import check as check_gate
@@ -42,10 +42,11 @@ from ..methods import needs_calibration
 from ..model.resolve import resolve
 from ..quantization import bitsandbytes as bnb_quantization
 from ..quantization import blockwise, qat
+from ..quantization import budget as budget_solver
 from ..quantization.blockwise import QuantizeSummary
 from ..recipe import BNB_FORMATS, Recipe
 from ..reporting import report
-from ..reporting.tables import layer_printer, run_table
+from ..reporting.tables import budget_table, layer_printer, run_table
 from .preflight import as_recipe, check_model_shapes, eval_suite, scheme_label, validate
 
 logger = logging.getLogger("llmq.run")
@@ -77,6 +78,7 @@ class Job:
     main: bool
     timings: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Perplexity] = field(default_factory=dict)
+    budget: dict[str, Any] | None = None  # what choose_schemes settled (report.json's quantization.budget)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -122,6 +124,8 @@ def run(
         job = prepare(recipe, out, overwrite, resume)
         if job.eval_windows is not None and job.recipe.eval.baseline and job.main:
             evaluate_base(job)
+        if job.recipe.scheme.budget is not None:
+            choose_schemes(job)
         done = quantize(job)
         if not job.main:
             return None
@@ -162,7 +166,7 @@ def _eval_windows(recipe: Recipe, tokenizer) -> torch.Tensor | None:
 
 
 def _calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor | None:
-    if not needs_calibration(recipe.method):
+    if not needs_calibration(recipe.method) and recipe.scheme.budget is None:  # a budget measures sensitivity on them
         return None
     c = recipe.calibration
     windows = calibration_batches(c, tokenizer)
@@ -192,6 +196,18 @@ def evaluate_base(job: Job) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ quantize
+
+
+def choose_schemes(job: Job) -> None:
+    """`scheme.budget`: measure each layer's sensitivity (or reuse it), solve for the schemes, and carry on with the
+    resolved recipe (one override per layer; it is the recipe saved beside the checkpoint)."""
+    budget = job.recipe.scheme.budget
+    logger.info(f"choosing each layer's scheme to the budget ({budget.model_dump(exclude_none=True, exclude={'candidates'})})")
+    t = time.perf_counter()
+    job.recipe, job.budget = budget_solver.choose(job.recipe, job.base_dir, job.calibration, job.dtype, default_device())
+    job.timings["budget_s"] = time.perf_counter() - t
+    table = budget_table(job.budget)
+    logger.info(as_text(table), extra={"renderable": table})
 
 
 def quantize(job: Job) -> Quantized:
@@ -305,7 +321,8 @@ def write_report(job: Job, done: Quantized, tasks: dict[str, Any]) -> RunResult:
     summary = done.summary
     result.report = report.write(
         result, quantized_layers=summary.layers, layer_rows=summary.rows,
-        quantization={"resumed_at_block": summary.resumed_at_block, **done.extra},
+        quantization={"resumed_at_block": summary.resumed_at_block, **done.extra,
+                      **({"budget": job.budget} if job.budget is not None else {})},
         command=f"llmq run recipe.yaml -o {shlex.quote(str(job.out))}",
         gate=None if misses is None else {"thresholds": thresholds.model_dump(), "passed": not misses, "misses": misses},
     )

@@ -83,10 +83,13 @@ def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
     prefix, blocks = decoder_blocks(model)
     per_block = [[n.removeprefix(f"{prefix}.{i}.") for n in layers if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
     outside = [n for n in layers if not n.startswith(f"{prefix}.")]
+    return _Plan(prefix, blocks, per_block, outside, stores_g_idx(recipe, schemes.values()), schemes, skipped)
+
+
+def stores_g_idx(recipe: Recipe, schemes) -> bool:
+    """Whether the checkpoint stores g_idx (for every layer): GPTQ act order with groups formed in that order."""
     m = recipe.method
-    grouped = any(s.group_size is not None for s in schemes.values())
-    has_g_idx = m.init_method == "gptq" and m.act_order and not m.static_groups and grouped
-    return _Plan(prefix, blocks, per_block, outside, has_g_idx, schemes, skipped)
+    return m.init_method == "gptq" and m.act_order and not m.static_groups and any(s.group_size is not None for s in schemes)
 
 
 def _batches(calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -151,7 +154,7 @@ def quantize_model(
 # ------------------------------------------------------------------------------------------------ on disk
 
 
-def _unique_state_keys(module: nn.Module, skip_prefix: str | None = None) -> list[str]:
+def unique_state_keys(module: nn.Module, skip_prefix: str | None = None) -> list[str]:
     """state_dict keys of `module`, tied tensors once (the first name, as save_pretrained keeps it)."""
     seen, keys = set(), []
     for k, t in module.state_dict(keep_vars=True).items():
@@ -276,7 +279,7 @@ class _DiskWalk:
     def first_block_inputs(self, calibration: torch.Tensor | None):
         """Materialize what lies outside the blocks (embeddings first) and, for a calibrating method, capture the
         first block's inputs, or take the saved activations of the block to resume at."""
-        self.rest_keys = _unique_state_keys(self.model, skip_prefix=f"{self.plan.prefix}.")
+        self.rest_keys = unique_state_keys(self.model, skip_prefix=f"{self.plan.prefix}.")
         self.reader.materialize(self.model, "", self.rest_keys, self.device)
         if not self.method.needs_calibration:
             return None
@@ -336,7 +339,7 @@ class _DiskWalk:
                        initial=self.done, total=n_blocks)
             for i in bar:
                 block, prefix = self.plan.blocks[i], f"{self.plan.prefix}.{i}."
-                block_keys = _unique_state_keys(block)
+                block_keys = unique_state_keys(block)
                 self.reader.materialize(block, prefix, block_keys, self.device)
                 if clusters is None and inputs is not None:
                     clusters = linear_clusters(block, inputs)

@@ -59,3 +59,24 @@ def results_table(run) -> Table:
                   value + (f" ± {stderr:.4f}" if stderr is not None else ""), f"{r['seconds']:.1f}",
                   "store" if r["label"] in run.served else "evaluated")
     return t
+
+
+def budget_table(record: dict[str, Any]) -> Table:
+    """The schemes a budget chose (quantization.budget.choose's record): one row per decoder block (or layer outside
+    the blocks), one column per layer name inside a block, and the budget met in the title."""
+    layers: dict[str, str] = record["layers"]
+    rows: dict[str, dict[str, str]] = {}
+    for name, scheme in layers.items():
+        parts = name.split(".")
+        at = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        row, col = (".".join(parts[: at + 1]), ".".join(parts[at + 1:])) if at is not None else (name, "")
+        rows.setdefault(row, {})[col] = scheme
+    cols = list(dict.fromkeys(c for r in rows.values() for c in r))
+    counts = ", ".join(f"{k} x{v}" for k, v in record["counts"].items() if v)
+    t = Table(title=f"schemes chosen: {record['used']} of {record['allowed']} ({counts})")
+    t.add_column("block")
+    for c in cols:
+        t.add_column(c.rsplit(".", 1)[-1] or "layer")
+    for row, by_col in rows.items():
+        t.add_row(row, *(by_col.get(c, "") for c in cols))
+    return t

@@ -1,0 +1,204 @@
+"""The best assignment of schemes to layers under a size budget (`scheme.budget` in a recipe).
+
+Each layer can take one of a few candidate schemes; each choice costs bits on disk (exactly what llmq stores,
+`numerics.stored_bits`) and adds a measured sensitivity (sensitivity.py). `solve` minimises the summed sensitivity
+with the total size at most the budget: a multiple-choice knapsack, solved exactly by dynamic programming over the
+size in units of budget / `RESOLUTION` (each layer's size rounded *up* to whole units, so the result can never exceed
+the budget; the rounding costs at most one unit per layer). A Lagrangian search is the usual shortcut, but it only
+reaches assignments on the convex hull of the trade-off and leaves budget unspent; the DP is exact for the rounded
+sizes and takes well under a second for hundreds of layers.
+
+`plan_budget` turns a recipe's budget into bits available for the layers it chooses (bits per weight over the
+targeted layers, or the size of the whole checkpoint), and `assign` writes the choice back as a recipe whose
+overrides name every layer (the recipe saved beside the checkpoint reproduces it without measuring again).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import BadInputError
+from ..model.structure import skeleton, targeted_linears
+from ..numerics import SUPPORTED_BITS, Scheme, stored_bits
+from ..recipe import Recipe, SchemeConfig, check_against_layers
+from ..recipe.schema import LayerOverride
+from ..recipe.targets import matches
+from . import sensitivity
+from .blockwise import stores_g_idx
+
+RESOLUTION = 200_000  # size units the budget is cut into
+
+
+def solve(sizes: list[list[int]], scores: list[list[float]], budget: int) -> list[int]:
+    """For each layer i, the index of its candidate (sizes[i][c] bits, scores[i][c] sensitivity) such that the summed
+    score is least with sum of sizes <= budget. Raises BadInputError when even the smallest choices do not fit."""
+    least = sum(min(s) for s in sizes)
+    if least > budget:
+        raise BadInputError(f"the budget ({budget} bits) is below the smallest assignment of the candidates ({least} bits)")
+    unit = max(1, math.ceil(budget / RESOLUTION))
+    cap = budget // unit
+    inf = np.inf
+    best = np.full(cap + 1, inf)  # best[u]: least score with rounded size exactly u units
+    best[0] = 0.0
+    choice = np.zeros((len(sizes), cap + 1), dtype=np.int16)
+    for i, (size_i, score_i) in enumerate(zip(sizes, scores)):
+        new = np.full(cap + 1, inf)
+        for c, (bits, score) in enumerate(zip(size_i, score_i)):
+            w = -(-bits // unit)
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, inf)
+            cand[w:] = best[: cap + 1 - w] + score
+            better = cand < new  # strict: ties keep the earlier candidate
+            new[better] = cand[better]
+            choice[i, better] = c
+        best = new
+    if not np.isfinite(best).any():
+        raise BadInputError(f"the budget ({budget} bits) leaves no room once each layer's size is rounded up to {unit} "
+                            "bits; raise it slightly")
+    u = int(np.argmin(best))  # least score; among equal scores the smallest size
+    picks = []
+    for i in range(len(sizes) - 1, -1, -1):
+        c = int(choice[i, u])
+        picks.append(c)
+        u -= -(-sizes[i][c] // unit)
+    return picks[::-1]
+
+
+def candidates(recipe: Recipe) -> list[Scheme]:
+    """The budget's candidate schemes (default: 2, 3, 4 and 8 bits with the recipe scheme's grouping and symmetry)."""
+    b, s = recipe.scheme.budget, recipe.scheme
+    if b.candidates is not None:
+        return [c.to_scheme() for c in b.candidates]
+    return [SchemeConfig(bits=bits, group_size=s.group_size, symmetric=s.symmetric).to_scheme() for bits in SUPPORTED_BITS]
+
+
+def label(s: Scheme) -> str:
+    """W3g64, W4g128-sym, W8 (per channel): the short name a candidate is written with."""
+    return f"W{s.bits}" + (f"g{s.group_size}" if s.group_size is not None else "") + ("-sym" if s.symmetric else "")
+
+
+@dataclass
+class BudgetPlan:
+    """What the solver works with: the layers it chooses for, their candidate sizes, and the bits left for them."""
+
+    free: list[str]  # layers whose scheme the budget chooses (no override fixes them)
+    shapes: dict[str, tuple[int, int]]  # every targeted layer: (out_features, in_features)
+    sizes: dict[str, list[int]]  # free layer -> bits of each candidate
+    fixed_bits: int  # what the budget's scope holds besides the free layers
+    budget_bits: int  # the whole budget in bits
+    unit: str  # "bits per weight" or "MB"
+
+    @property
+    def available(self) -> int:
+        return self.budget_bits - self.fixed_bits
+
+    def describe(self, bits: int) -> str:
+        if self.unit == "MB":
+            return f"{bits / 8e6:.2f} MB"
+        weights = sum(o * i for o, i in self.shapes.values())
+        return f"{bits / weights:.3f} bits per weight"
+
+
+def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], schemes: dict[str, Scheme],
+                scale_dtype: torch.dtype, has_g_idx: bool) -> BudgetPlan:
+    """The bits the budget leaves for the layers it chooses. `model`: the model (a meta skeleton is enough), `layers`:
+    every targeted Linear, `schemes`: the scheme of each quantized one (overrides applied). A budget that even the
+    smallest candidates cannot meet is an error here, before any heavy work."""
+    b = recipe.scheme.budget
+    cands = candidates(recipe)
+    fixed = {n for n in layers if any(matches(n, o.targets) for o in recipe.overrides)}
+    free = [n for n in schemes if n not in fixed]
+    shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+    for n in free:
+        o, i = shapes[n]
+        bad = [label(c) for c in cands if c.group_size is not None and i % c.group_size]
+        if bad:
+            raise BadInputError(f"scheme.budget.candidates: {bad[0]} does not fit {n} (in_features {i}); choose group "
+                                "sizes that divide every targeted layer")
+    sizes = {n: [stored_bits(*shapes[n], c, scale_dtype, has_g_idx) for c in cands] for n in free}
+    dtype_bits = torch.finfo(scale_dtype).bits
+    fixed_bits = sum(stored_bits(*shapes[n], schemes[n], scale_dtype, has_g_idx) for n in fixed if n in schemes)
+    fixed_bits += sum(o * i * dtype_bits for n, (o, i) in shapes.items() if n not in schemes)  # skipped: full precision
+    if b.bits_per_weight is not None:
+        budget_bits = math.floor(b.bits_per_weight * sum(o * i for o, i in shapes.values()))
+        unit = "bits per weight"
+    else:
+        budget_bits = math.floor(b.size_mb * 8e6)
+        fixed_bits += _other_tensor_bits(model, set(schemes), scale_dtype)
+        unit = "MB"
+    plan = BudgetPlan(free, shapes, sizes, fixed_bits, budget_bits, unit)
+    least = fixed_bits + sum(min(s) for s in sizes.values())
+    if least > budget_bits:
+        what = f"bits_per_weight: {b.bits_per_weight}" if unit != "MB" else f"size_mb: {b.size_mb}"
+        raise BadInputError(f"scheme.budget.{what} is below the smallest model the candidates allow "
+                            f"({plan.describe(least)}); raise the budget or add smaller candidates")
+    return plan
+
+
+def _other_tensor_bits(model: nn.Module, quantized: set[str], dtype: torch.dtype) -> int:
+    """Bits of every tensor an llmq checkpoint stores besides the quantized weights: floating parameters in `dtype`
+    (tied ones once), persistent buffers as they are."""
+    seen, bits = set(), 0
+    dtype_bits = torch.finfo(dtype).bits
+    for name, t in model.state_dict(keep_vars=True).items():
+        layer, _, leaf = name.rpartition(".")
+        if id(t) in seen or (layer in quantized and leaf == "weight"):
+            continue
+        seen.add(id(t))
+        bits += t.numel() * (dtype_bits if t.is_floating_point() else t.element_size() * 8)
+    return bits
+
+
+def assign(recipe: Recipe, plan: BudgetPlan, scores: dict[str, list[float]]) -> tuple[Recipe, dict[str, Scheme]]:
+    """Solve, and return (the recipe with one override per chosen layer and no budget, {layer: chosen scheme})."""
+    cands = candidates(recipe)
+    picks = solve([plan.sizes[n] for n in plan.free], [scores[n] for n in plan.free], plan.available)
+    chosen = {n: cands[c] for n, c in zip(plan.free, picks)}
+    chosen_overrides = [
+        LayerOverride(targets=[re.escape(n)], bits=s.bits, group_size=s.group_size, symmetric=s.symmetric)
+        for n, s in chosen.items()
+    ]
+    scheme = recipe.scheme.model_copy(update={"budget": None})
+    resolved = recipe.model_copy(update={"scheme": scheme, "overrides": [*recipe.overrides, *chosen_overrides]})
+    return resolved, chosen
+
+
+def used_bits(plan: BudgetPlan, chosen: dict[str, Scheme], scale_dtype: torch.dtype, has_g_idx: bool) -> int:
+    return plan.fixed_bits + sum(stored_bits(*plan.shapes[n], s, scale_dtype, has_g_idx) for n, s in chosen.items())
+
+
+def choose(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, scale_dtype: torch.dtype,
+           device: torch.device) -> tuple[Recipe, dict]:
+    """`llmq run`'s budget step: measure (or reuse) the sensitivity, solve, and return the resolved recipe and what
+    report.json records (the budget, what it met, the measurement, each layer's scheme)."""
+    model = skeleton(base_dir)
+    layers = targeted_linears(model, recipe.targets, recipe.ignore)
+    schemes = check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
+    has_g_idx = stores_g_idx(recipe, [*schemes.values(), *candidates(recipe)])
+    plan = plan_budget(recipe, model, layers, schemes, scale_dtype, has_g_idx)
+    cands = candidates(recipe)
+    scores, facts = sensitivity.measure(recipe, base_dir, calibration, cands, plan.free, scale_dtype, device)
+    t = time.perf_counter()
+    resolved, chosen = assign(recipe, plan, scores)
+    solve_s = time.perf_counter() - t
+    used = used_bits(plan, chosen, scale_dtype, has_g_idx)
+    b = recipe.scheme.budget
+    record = {
+        "budget": b.model_dump(mode="json", exclude={"candidates"}), "candidates": [label(c) for c in cands],
+        "unit": plan.unit, "budget_bits": plan.budget_bits, "used_bits": used,
+        "used": plan.describe(used), "allowed": plan.describe(plan.budget_bits),
+        "sensitivity": {**facts, "solve_seconds": round(solve_s, 3)},
+        "predicted_error": sum(scores[n][cands.index(s)] for n, s in chosen.items()),
+        "layers": {n: label(s) for n, s in chosen.items()},
+        "counts": {label(c): sum(s == c for s in chosen.values()) for c in cands},
+    }
+    return resolved, record
