@@ -37,10 +37,11 @@ from .blockwise import stores_g_idx
 RESOLUTION = 200_000  # size units the budget is cut into
 
 
-def solve(sizes: list[list[int]], scores: list[list[float]], budget: int) -> list[int]:
-    """For each layer i, the index of its candidate (sizes[i][c] bits, scores[i][c] sensitivity) such that the summed
-    score is least with sum of sizes <= budget. Raises BadInputError when even the smallest choices do not fit."""
-    least = sum(min(s) for s in sizes)
+def solve(sizes: list[list[int | None]], scores: list[list[float]], budget: int) -> list[int]:
+    """For each layer i, the index of its candidate (sizes[i][c] bits, None where the candidate does not fit the
+    layer; scores[i][c] sensitivity) such that the summed score is least with sum of sizes <= budget. Raises
+    BadInputError when even the smallest choices do not fit."""
+    least = sum(_smallest(s) for s in sizes)
     if least > budget:
         raise BadInputError(f"the budget ({budget} bits) is below the smallest assignment of the candidates ({least} bits)")
     unit = max(1, math.ceil(budget / RESOLUTION))
@@ -52,6 +53,8 @@ def solve(sizes: list[list[int]], scores: list[list[float]], budget: int) -> lis
     for i, (size_i, score_i) in enumerate(zip(sizes, scores)):
         new = np.full(cap + 1, inf)
         for c, (bits, score) in enumerate(zip(size_i, score_i)):
+            if bits is None:
+                continue
             w = -(-bits // unit)
             if w > cap:
                 continue
@@ -71,6 +74,10 @@ def solve(sizes: list[list[int]], scores: list[list[float]], budget: int) -> lis
         picks.append(c)
         u -= -(-sizes[i][c] // unit)
     return picks[::-1]
+
+
+def _smallest(sizes: list[int | None]) -> int:
+    return min(b for b in sizes if b is not None)
 
 
 def candidates(recipe: Recipe) -> list[Scheme]:
@@ -118,13 +125,16 @@ def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], 
     fixed = {n for n in layers if any(matches(n, o.targets) for o in recipe.overrides)}
     free = [n for n in schemes if n not in fixed]
     shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+    def fits(c: Scheme, in_features: int) -> bool:
+        return c.group_size is None or in_features % c.group_size == 0
+
     for n in free:
-        o, i = shapes[n]
-        bad = [label(c) for c in cands if c.group_size is not None and i % c.group_size]
-        if bad:
-            raise BadInputError(f"scheme.budget.candidates: {bad[0]} does not fit {n} (in_features {i}); choose group "
-                                "sizes that divide every targeted layer")
-    sizes = {n: [stored_bits(*shapes[n], c, scale_dtype, has_g_idx) for c in cands] for n in free}
+        if not any(fits(c, shapes[n][1]) for c in cands):
+            raise BadInputError(f"scheme.budget.candidates: none fits {n} (in_features {shapes[n][1]}); add one whose "
+                                "group size divides it, or a per-channel one")
+    # a candidate whose group size does not divide a layer is simply not offered to that layer
+    sizes = {n: [stored_bits(*shapes[n], c, scale_dtype, has_g_idx) if fits(c, shapes[n][1]) else None for c in cands]
+             for n in free}
     dtype_bits = torch.finfo(scale_dtype).bits
     fixed_bits = sum(stored_bits(*shapes[n], schemes[n], scale_dtype, has_g_idx) for n in fixed if n in schemes)
     fixed_bits += sum(o * i * dtype_bits for n, (o, i) in shapes.items() if n not in schemes)  # skipped: full precision
@@ -136,7 +146,7 @@ def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], 
         fixed_bits += _other_tensor_bits(model, set(schemes), scale_dtype)
         unit = "MB"
     plan = BudgetPlan(free, shapes, sizes, fixed_bits, budget_bits, unit)
-    least = fixed_bits + sum(min(s) for s in sizes.values())
+    least = fixed_bits + sum(_smallest(s) for s in sizes.values())
     if least > budget_bits:
         what = f"bits_per_weight: {b.bits_per_weight}" if unit != "MB" else f"size_mb: {b.size_mb}"
         raise BadInputError(f"scheme.budget.{what} is below the smallest model the candidates allow "

@@ -11,7 +11,9 @@ layer's prediction is calibrated by one measurement: the block is run with the l
 candidate, and the squared error of the block's output over the full-precision output, divided by that candidate's
 e_l, is the layer's gain g_l. Its score is s_l(c) = g_l · e_l(c): the block-output error the layer adds, in the
 units of the residual stream, which the solver sums over layers. Per block this costs one pass to collect the
-Hessians plus one block forward per layer, on `sensitivity_samples` windows — far less than the block walk of GPTQ.
+Hessians on `sensitivity_samples` windows (default 8) plus one block forward per layer on the first GAIN_WINDOWS
+windows, and an RTN of each layer per candidate: about half the time of GPTQ's block walk on SmolLM2
+(benchmarks/results/budget_smollm2.md).
 
 Scores are cached in $LLMQ_CACHE/sensitivity, keyed by the base checkpoint's files, the calibration windows used,
 the candidates and the clipping settings, so trying a second budget measures nothing again.
@@ -42,7 +44,8 @@ from ..recipe import Recipe
 from .blockwise import unique_state_keys
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+GAIN_WINDOWS = 2  # windows the gains are measured on (one block forward per layer each): a ratio needs few tokens
 
 
 def cache_key(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[Scheme], layers: list[str]) -> str:
@@ -58,8 +61,8 @@ def cache_key(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list
 
 
 def measure(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, cands: list[Scheme], layers: list[str],
-            scale_dtype: torch.dtype, device: torch.device) -> tuple[dict[str, list[float]], dict]:
-    """{layer: [score per candidate]} for the named layers (all inside the decoder blocks), and facts about the
+            scale_dtype: torch.dtype, device: torch.device) -> tuple[dict[str, list[float | None]], dict]:
+    """{layer: [score per candidate, None where it does not fit]} for the named layers (all inside the decoder blocks), and facts about the
     measurement (seconds, windows, whether it came from the cache)."""
     windows = calibration[: recipe.scheme.budget.sensitivity_samples]
     key = cache_key(recipe, base_dir, windows, cands, layers)
@@ -100,32 +103,35 @@ def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[
     rest = unique_state_keys(model, skip_prefix=prefix + ".")
     reader.materialize(model, "", rest, device)
     inputs = capture_inputs(model, blocks[0], list(torch.split(windows, recipe.calibration.batch_size)), device)
+    probe = capture_inputs(model, blocks[0], [windows[:GAIN_WINDOWS]], device)  # the gains' block forwards
     model.to("meta")
-    coarsest = max(range(len(cands)), key=lambda c: (-cands[c].bits, cands[c].group_size or 1 << 30))
     scores: dict[str, list[float]] = {}
     for i, block in enumerate(tqdm(blocks, desc="sensitivity", unit="block", leave=False)):
         names = [n for n, m in block.named_modules() if f"{prefix}.{i}.{n}" in wanted]
         reader.materialize(block, f"{prefix}.{i}.", unique_state_keys(block), device)
         hessians = {n: Hessian(block.get_submodule(n).in_features, device) for n in names}
         inputs.feed(block, {block.get_submodule(n): hessians[n].add for n in names}, stop_after=None)
-        reference = inputs.outputs(block)
+        reference = probe.outputs(block)
         for n in names:
             layer = block.get_submodule(n)
             w = layer.weight.data.clone()
-            predicted = []
-            for c in cands:
-                dw = numerics.dequantize(quantize_weight(w, c, recipe.method, scale_dtype), c) - w
-                predicted.append(float(((dw @ hessians[n].H) * dw).sum()))
+            fit = [c for c in range(len(cands)) if cands[c].group_size is None or w.shape[1] % cands[c].group_size == 0]
+            predicted: list[float | None] = [None] * len(cands)  # None: the candidate does not fit the layer
+            for c in fit:
+                dw = numerics.dequantize(quantize_weight(w, cands[c], recipe.method, scale_dtype), cands[c]) - w
+                predicted[c] = float(((dw @ hessians[n].H) * dw).sum())
+            coarsest = max(fit, key=lambda c: (-cands[c].bits, cands[c].group_size or 1 << 30))
             layer.weight.data = numerics.dequantize(quantize_weight(w, cands[coarsest], recipe.method, scale_dtype),
                                                     cands[coarsest])
-            measured = sum(float((o - r).double().pow(2).sum()) for o, r in zip(inputs.outputs(block), reference))
+            measured = sum(float((o - r).double().pow(2).sum()) for o, r in zip(probe.outputs(block), reference))
             measured /= sum(r.shape[0] * r.shape[1] for r in reference)  # per token
             layer.weight.data = w
             gain = measured / predicted[coarsest] if predicted[coarsest] > 0 else 0.0
-            scores[f"{prefix}.{i}.{n}"] = [gain * e for e in predicted]
+            scores[f"{prefix}.{i}.{n}"] = [None if e is None else gain * e for e in predicted]
         del hessians, reference
         if i + 1 < len(blocks):
             inputs.advance(block)
+            probe.advance(block)
         block.to("meta")
         memory.trim()
     return scores
