@@ -118,6 +118,17 @@ def weights_bytes(folder: str | Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def tensor_bytes(folder: str | Path) -> dict[str, int]:
+    """Bytes of every tensor in a checkpoint's safetensors files, from their headers (no tensor is read)."""
+    sizes = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"})
+    return sizes
+
+
 def files_stamp(folder: str | Path) -> list[str]:
     """'name:size:mtime' of the files that make a checkpoint what it is (weights, config, index), in name order: what
     caches and resumable runs key on, so a re-downloaded or edited checkpoint is never mistaken for the old one."""

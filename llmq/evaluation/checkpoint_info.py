@@ -11,9 +11,11 @@ import torch
 import yaml
 
 from .. import formats
-from ..checkpoint.safetensors_io import weights_bytes
+from ..checkpoint.safetensors_io import tensor_bytes, weights_bytes
 from ..describe import scheme_words
 from ..environment import DTYPES, dtype_name_of_config
+from ..formats.convert import linear_shapes
+from ..model.structure import skeleton
 
 
 def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: str | None = None) -> dict[str, Any]:
@@ -40,6 +42,8 @@ def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: 
             info["base"] = base or (recipe.get("model") if isinstance(recipe.get("model"), str) else None)
         info.update(method=method, bits=qc.get("bits"),
                     scheme=scheme_words(qc.get("bits"), qc.get("group_size"), qc.get("sym"), short=True))
+        if qc.get("layers"):  # per-layer schemes: the weight bits actually stored, on average
+            info.update(bits=round(stored_bits_per_weight(folder), 3), scheme=f"mixed (default {info['scheme']})")
     elif found.kind == "bitsandbytes":
         fmt = qc.get("bnb_4bit_quant_type", "nf4") if qc.get("load_in_4bit") else "int8"
         info.update(method="bitsandbytes", scheme=fmt, bits=4 if qc.get("load_in_4bit") else 8)
@@ -50,6 +54,16 @@ def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: 
         info.update(method=found.kind, scheme=found.label, bits=qc.get("bits"))
     info["size_bytes"] = weights_bytes(folder)
     return info
+
+
+def stored_bits_per_weight(folder: Path) -> float:
+    """Bits per weight of an llmq checkpoint's quantized layers as stored: codes, scales, zero points and g_idx over
+    the layers' out x in weights (what a budget's bits_per_weight counts)."""
+    sizes = tensor_bytes(folder)
+    shapes = linear_shapes(skeleton(folder))
+    layers = [k.removesuffix(".qweight") for k in sizes if k.endswith(".qweight")]
+    stored = sum(sizes.get(f"{n}.{leaf}", 0) for n in layers for leaf in ("qweight", "scales", "qzeros", "g_idx"))
+    return 8 * stored / sum(shapes[n].in_features * shapes[n].out_features for n in layers)
 
 
 def _saved_recipe(path: Path) -> dict[str, Any]:

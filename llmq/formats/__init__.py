@@ -27,7 +27,7 @@ from ..model.structure import decoder_blocks, skeleton
 from ..numerics import Scheme
 from ..reporting.cards import export_card, import_card
 from . import compressed_tensors, gguf_export, gptq
-from .convert import convert, linear_shapes, quantized_layers, unquantized_linears
+from .convert import ByLayer, convert, linear_shapes, quantized_layers, unquantized_linears
 from .detect import Detected, ct_weight_args, detect, read_config, unsupported_message
 from .native import LlmqCodec, imported_config, is_trivial_g_idx
 
@@ -45,7 +45,7 @@ class ConversionResult:
     notes: tuple[str, ...] = ()
 
 
-def _llmq_source(src: Path) -> tuple[Detected, LlmqCodec, torch.dtype]:
+def _llmq_source(src: Path) -> tuple[Detected, LlmqConfig, ByLayer, torch.dtype]:
     found = detect(src)
     if found.kind != "llmq":
         raise BadInputError(f"{src} is {found.label}, not an llmq checkpoint; `llmq export` reads llmq checkpoints "
@@ -54,13 +54,15 @@ def _llmq_source(src: Path) -> tuple[Detected, LlmqCodec, torch.dtype]:
     if cfg.scheme.format != "int":
         raise BadInputError(f"{src} holds {cfg.scheme.format} codes, not an integer grid: GPTQ and compressed-tensors "
                             "store (q - z) * s only")
-    return found, LlmqCodec(cfg.scheme, has_g_idx=cfg.g_idx), dtype_of_config(read_config(src))
+    decoder = ByLayer(lambda s: LlmqCodec(s, has_g_idx=cfg.g_idx), cfg.scheme, {n: cfg.scheme_for(n) for n in cfg.layers})
+    return found, cfg, decoder, dtype_of_config(read_config(src))
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_version: int = 1, overwrite: bool = False,
                       embeddings: str = "f16", tokenizer_pre: str | None = None) -> ConversionResult:
     """Write the llmq checkpoint `src` as a GPTQ (v1 or v2) or compressed-tensors pack-quantized checkpoint, or as a
-    GGUF file (`embeddings`: the type of its full-precision matrices; `tokenizer_pre`: llama.cpp's pre-split rule)."""
+    GGUF file (`embeddings`: the type of its full-precision matrices; `tokenizer_pre`: llama.cpp's pre-split rule).
+    Per-layer schemes become GPTQModel's `dynamic` overrides, or one compressed-tensors config group per scheme."""
     src, dst = Path(src), Path(dst)
     if format not in EXPORT_FORMATS:
         raise BadInputError(f"export format {format!r} is not supported (expected one of {', '.join(EXPORT_FORMATS)})")
@@ -70,33 +72,42 @@ def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_versio
         return ConversionResult(done.source, dst, done.layers, label, tuple(done.notes))
     if gptq_version not in gptq.VERSIONS:
         raise BadInputError(f"GPTQ version {gptq_version} does not exist (expected 1 or 2)")
-    found, decoder, dtype = _llmq_source(src)
-    scheme = decoder.scheme
+    found, cfg, decoder, dtype = _llmq_source(src)
+    scheme = decoder.default
     model = skeleton(src)
     shapes = linear_shapes(model)
     layers = quantized_layers(CheckpointReader(src), decoder, shapes)
+    schemes = {n: decoder.scheme_for(n) for n in layers}
     if format == "gptq":
         prefix, blocks = decoder_blocks(model)
         per_block, in_block0 = gptq.block_layout(layers, list(shapes), prefix, len(blocks))
-        encoder = gptq.GptqCodec(scheme, gptq_version, dtype)
-        config = gptq.export_config(scheme, gptq_version, decoder.has_g_idx, prefix, per_block, in_block0)
+        encoder = ByLayer(lambda s: gptq.GptqCodec(s, gptq_version, dtype), scheme, schemes)
+        config = gptq.export_config(scheme, gptq_version, cfg.g_idx, prefix, per_block, in_block0, schemes)
         label = f"gptq v{gptq_version}"
     else:
-        if decoder.has_g_idx:
+        if cfg.g_idx:
             raise BadInputError(
                 f"{src} stores a per-column group order (g_idx: GPTQ act order without static groups), which "
                 "compressed-tensors no longer supports; re-quantize with static_groups: true, or export as GPTQ"
             )
-        encoder = compressed_tensors.CompressedTensorsCodec(scheme, dtype)
-        config = compressed_tensors.export_config(scheme, unquantized_linears(shapes, layers))
+        encoder = ByLayer(lambda s: compressed_tensors.CompressedTensorsCodec(s, dtype), scheme, schemes)
+        config = compressed_tensors.export_config(schemes, unquantized_linears(shapes, layers), scheme)
         label = "compressed-tensors pack-quantized"
+    notes = []
+    if encoder.mixed:
+        label += f" ({len(set(schemes.values()))} schemes)"
+        if format == "gptq":
+            notes.append("per-layer schemes are written as GPTQModel `dynamic` overrides, which GPTQModel and vLLM "
+                         "read; transformers' GPTQ loader (optimum) ignores them and would rebuild those layers in the "
+                         "default scheme: load this export with GPTQModel or vLLM, or export as compressed-tensors")
     convert(src, dst, shapes, decoder, encoder, lambda _: config, card=lambda: export_card(src, label, config), overwrite=overwrite,
             desc=f"exporting as {label}")
-    return ConversionResult(found, dst, len(layers), label)
+    return ConversionResult(found, dst, len(layers), label, tuple(notes))
 
 
 def import_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False) -> ConversionResult:
-    """Write the GPTQ or compressed-tensors checkpoint `src` as an llmq checkpoint (QuantLinear layers)."""
+    """Write the GPTQ or compressed-tensors checkpoint `src` as an llmq checkpoint (QuantLinear layers); per-layer
+    schemes (GPTQModel's `dynamic`, several compressed-tensors config groups) are kept per layer."""
     src, dst = Path(src), Path(dst)
     found = detect(src)
     if not found.importable:
@@ -105,18 +116,27 @@ def import_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False)
     dtype = dtype_of_config(read_config(src))
     shapes = linear_shapes(skeleton(src))
     if found.kind == "gptq":
-        decoder = gptq.GptqCodec(gptq.scheme_of(qc), gptq.version_of(qc))
-        g_idx = _any_real_g_idx(src, decoder.scheme, shapes)
+        version = gptq.version_of(qc)
+        decoder = ByLayer(lambda s: gptq.GptqCodec(s, version), gptq.scheme_of(qc))
+        names = quantized_layers(CheckpointReader(src), decoder, shapes)
+        decoder.schemes = gptq.dynamic_schemes(qc, names)
+        g_idx = _any_real_g_idx(src, decoder, shapes)
     else:
-        weights, _ = ct_weight_args(qc)
-        decoder = compressed_tensors.CompressedTensorsCodec(compressed_tensors.scheme_of(weights))
+        decoder = ByLayer(compressed_tensors.CompressedTensorsCodec, compressed_tensors.scheme_of(ct_weight_args(qc)[0]))
+        names = quantized_layers(CheckpointReader(src), decoder, shapes)
+        decoder.schemes = compressed_tensors.layer_schemes(qc, names)
         g_idx = False
-    encoder = LlmqCodec(decoder.scheme, dtype, has_g_idx=g_idx)
+    encoder = ByLayer(lambda s: LlmqCodec(s, dtype, has_g_idx=g_idx), decoder.default, decoder.schemes)
+
+    def imported(s: Scheme) -> Scheme:
+        """GPTQ states symmetry for a whole config; a scheme whose zero points were all 2**(bits-1) is symmetric."""
+        if found.kind != "gptq":
+            return s
+        return Scheme(s.bits, s.group_size, decoder.codec_for_scheme(s).all_symmetric)
 
     def llmq_config(layers: list[str]) -> dict:
-        symmetric = decoder.all_symmetric if found.kind == "gptq" else decoder.scheme.symmetric
-        scheme = Scheme(decoder.scheme.bits, decoder.scheme.group_size, symmetric)
-        return imported_config(scheme, unquantized_linears(shapes, layers), g_idx)
+        schemes = {n: imported(decoder.scheme_for(n)) for n in layers}
+        return imported_config(imported(decoder.default), unquantized_linears(shapes, layers), g_idx, schemes)
 
     layers = convert(src, dst, shapes, decoder, encoder, llmq_config, card=lambda: import_card(src, found), overwrite=overwrite,
                      desc="importing")
@@ -126,12 +146,13 @@ def import_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False)
     return ConversionResult(found, dst, len(layers), "llmq", tuple(notes))
 
 
-def _any_real_g_idx(src: Path, scheme: Scheme, shapes: dict) -> bool:
+def _any_real_g_idx(src: Path, codec: ByLayer, shapes: dict) -> bool:
     """Whether some layer's g_idx is more than the trivial j // group_size (read before converting: the llmq
     config's g_idx flag holds for every layer). Reads only the small [in] g_idx tensors."""
     reader = CheckpointReader(src)
     keys = [k for k in reader.keys() if k.endswith(".g_idx") and k.removesuffix(".g_idx") in shapes]
-    return any(not is_trivial_g_idx(t, shapes[k.removesuffix(".g_idx")].in_features, scheme) for k, t in reader.read(keys).items())
+    return any(not is_trivial_g_idx(t, shapes[n].in_features, codec.scheme_for(n))
+               for k, t in reader.read(keys).items() for n in [k.removesuffix(".g_idx")])
 
 
 def imported_copy(src: str | Path) -> Path:

@@ -17,6 +17,7 @@ Activation order with a per-column group index (`actorder: group`) is deprecated
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -87,9 +88,9 @@ def scheme_of(weights: dict) -> Scheme:
     return Scheme(bits=int(weights["num_bits"]), group_size=group, symmetric=bool(weights.get("symmetric", True)))
 
 
-def export_config(scheme: Scheme, ignore: list[str]) -> dict:
-    """The `quantization_config` of a compressed-tensors checkpoint with one weight-only int scheme."""
-    weights = {
+def weights_args(scheme: Scheme) -> dict:
+    """The `weights` section of a config group for one llmq integer scheme."""
+    return {
         "num_bits": scheme.bits,
         "type": "int",
         "symmetric": scheme.symmetric,
@@ -99,13 +100,46 @@ def export_config(scheme: Scheme, ignore: list[str]) -> dict:
         "actorder": None,
         "observer": "minmax",
     }
+
+
+def export_config(schemes: dict[str, Scheme], ignore: list[str], default: Scheme | None = None) -> dict:
+    """The `quantization_config` of a compressed-tensors checkpoint of weight-only int schemes: one config group
+    targeting every Linear when all layers share a scheme, else one group per scheme naming its layers exactly,
+    `default`'s group first (an import takes group_0's scheme as the llmq default)."""
+    distinct = sorted(set(schemes.values()), key=lambda s: (s != default, s.bits, s.group_size or 0, s.symmetric))
+    if len(distinct) == 1:
+        targets = {distinct[0]: ["Linear"]}
+    else:
+        targets = {s: sorted(n for n, t in schemes.items() if t == s) for s in distinct}
+    groups = {f"group_{i}": {"targets": targets[s], "weights": weights_args(s), "input_activations": None,
+                             "output_activations": None, "format": "pack-quantized"} for i, s in enumerate(distinct)}
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                      "output_activations": None, "format": "pack-quantized"}},
+        "config_groups": groups,
         "ignore": ignore,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }
+
+
+def layer_schemes(qc: dict, layers: list[str]) -> dict[str, Scheme]:
+    """Each quantized layer's scheme from the config groups' targets, as compressed-tensors matches them: an exact
+    module name first, then a `re:` pattern (matched at the start of the name), then the class name Linear (every
+    quantized layer is one). Two groups claiming a layer at the same rank is an error."""
+    groups = [(name, g.get("targets") or [], scheme_of(g.get("weights") or {})) for name, g in qc["config_groups"].items()]
+    out = {}
+    for layer in layers:
+        for rank in (lambda t: t == layer, lambda t: t.startswith("re:") and re.match(t[3:], layer) is not None,
+                     lambda t: t == "Linear"):
+            hits = {(name, s) for name, targets, s in groups if any(rank(t) for t in targets)}
+            if len({s for _, s in hits}) > 1:
+                raise LlmqError(f"{layer}: config groups {', '.join(sorted(n for n, _ in hits))} both target it with "
+                                "different schemes")
+            if hits:
+                out[layer] = next(iter(hits))[1]
+                break
+        else:
+            raise LlmqError(f"{layer}: quantized in the files, but no config group targets it")
+    return out

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..checkpoint.safetensors_io import INDEX, CheckpointReader, save_safetensors_atomic, write_index
 from ..errors import LlmqError
 from ..io import atomic_dir, write_json_atomic
-from ..numerics import QWeight
+from ..numerics import QWeight, Scheme
 from .detect import read_config
 
 # Files of a checkpoint folder that a conversion rewrites itself rather than copying, and weight files in other
@@ -50,6 +50,42 @@ class Codec(Protocol):
     def decode(self, tensors: dict[str, torch.Tensor], layer: LayerShape) -> QWeight: ...
 
     def encode(self, qw: QWeight, layer: LayerShape) -> dict[str, torch.Tensor]: ...
+
+
+class ByLayer:
+    """One codec per scheme, chosen by layer name: how a checkpoint whose layers differ in scheme is read or written.
+    `make(scheme)` builds a format's codec; layers that `schemes` does not name take `default`. Facts a codec learns
+    while converting (`inexact_scales`) are summed over the codecs."""
+
+    def __init__(self, make: Callable[[Scheme], Codec], default: Scheme, schemes: dict[str, Scheme] | None = None):
+        self.make, self.default, self.schemes = make, default, dict(schemes or {})
+        self.codecs: dict[Scheme, Codec] = {}
+        self.anchor, self.suffixes = self.codec_for_scheme(default).anchor, self.codec_for_scheme(default).suffixes
+
+    @property
+    def mixed(self) -> bool:
+        return any(s != self.default for s in self.schemes.values())
+
+    def scheme_for(self, layer: str) -> Scheme:
+        return self.schemes.get(layer, self.default)
+
+    def codec_for_scheme(self, scheme: Scheme) -> Codec:
+        if scheme not in self.codecs:
+            self.codecs[scheme] = self.make(scheme)
+        return self.codecs[scheme]
+
+    def codec(self, layer: str) -> Codec:
+        return self.codec_for_scheme(self.scheme_for(layer))
+
+    def decode(self, tensors: dict[str, torch.Tensor], layer: LayerShape) -> QWeight:
+        return self.codec(layer.name).decode(tensors, layer)
+
+    def encode(self, qw: QWeight, layer: LayerShape) -> dict[str, torch.Tensor]:
+        return self.codec(layer.name).encode(qw, layer)
+
+    @property
+    def inexact_scales(self) -> int:
+        return sum(getattr(c, "inexact_scales", 0) for c in self.codecs.values())
 
 
 def linear_shapes(model: torch.nn.Module) -> dict[str, LayerShape]:

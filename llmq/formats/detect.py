@@ -73,7 +73,8 @@ def _gptq(qc: dict[str, Any]) -> Detected:
 
 
 def ct_weight_args(qc: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-    """The one weight scheme of a compressed-tensors config and None, or None and why llmq cannot read it."""
+    """The weight scheme of a compressed-tensors config's first group (every group checked) and None, or None and why
+    llmq cannot read it."""
     groups = qc.get("config_groups") or {}
     fmt = qc.get("format")
     schemes = []
@@ -87,20 +88,18 @@ def ct_weight_args(qc: dict[str, Any]) -> tuple[dict[str, Any] | None, str | Non
         schemes.append(group.get("weights") or {})
     if not schemes:
         return None, "no config_groups with weight quantization"
-    if any(s != schemes[0] for s in schemes[1:]):
-        return None, "several different weight schemes in one checkpoint (llmq checkpoints have one scheme)"
-    w = schemes[0]
-    if not isinstance(w, dict):
-        return None, "the weights of a config group are not a mapping"
-    if w.get("type", "int") != "int" or w.get("num_bits") not in SUPPORTED_BITS:
-        return None, f"weights {w.get('type', 'int')} {w.get('num_bits')}-bit (llmq reads int {_bits_words()} bits)"
-    if w.get("strategy") not in ("group", "channel"):
-        return None, f"weight strategy {w.get('strategy')!r} (llmq reads 'group' and 'channel')"
-    if w.get("actorder") in ("group", "dynamic"):
-        return None, "actorder 'group' (a per-column group index; llmq reads static group order)"
-    if w.get("dynamic"):
-        return None, "dynamic weight quantization"
-    return w, None
+    for w in schemes:  # several groups (per-layer schemes) are read layer by layer: compressed_tensors.layer_schemes
+        if not isinstance(w, dict):
+            return None, "the weights of a config group are not a mapping"
+        if w.get("type", "int") != "int" or w.get("num_bits") not in SUPPORTED_BITS:
+            return None, f"weights {w.get('type', 'int')} {w.get('num_bits')}-bit (llmq reads int {_bits_words()} bits)"
+        if w.get("strategy") not in ("group", "channel"):
+            return None, f"weight strategy {w.get('strategy')!r} (llmq reads 'group' and 'channel')"
+        if w.get("actorder") in ("group", "dynamic"):
+            return None, "actorder 'group' (a per-column group index; llmq reads static group order)"
+        if w.get("dynamic"):
+            return None, "dynamic weight quantization"
+    return schemes[0], None
 
 
 def _compressed_tensors(qc: dict[str, Any]) -> Detected:

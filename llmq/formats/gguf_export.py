@@ -37,7 +37,7 @@ from ..errors import BadInputError
 from ..io import atomic_file, check_output_file
 from ..model.structure import skeleton
 from ..numerics import QWeight, Scheme
-from .convert import LayerShape, linear_shapes, read_layer
+from .convert import ByLayer, LayerShape, linear_shapes, read_layer
 from .detect import Detected, detect, read_config
 from .native import LlmqCodec, is_trivial_g_idx
 
@@ -170,7 +170,7 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
     codec = None
     if found.kind == "llmq":
         cfg = LlmqConfig(**{k: v for k, v in found.quantization_config.items() if k != "quant_method"})
-        codec = LlmqCodec(cfg.scheme, has_g_idx=cfg.g_idx)
+        codec = ByLayer(lambda s: LlmqCodec(s, has_g_idx=cfg.g_idx), cfg.scheme, {n: cfg.scheme_for(n) for n in cfg.layers})
     shapes = linear_shapes(skeleton(src))
     reader = CheckpointReader(src)
     result = GgufExport(found, dst, 0)
@@ -189,8 +189,9 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
             qw = codec.decode(read_layer(reader, hf_name, codec), layer)
             if rows is not None:
                 qw = QWeight(qw.q[rows], qw.scales[rows], qw.zeros[rows], qw.g_idx)
-            qtype = block_type(codec.scheme, qw, layer)
-            data, scale_change, min_change = encode_blocks(qw, codec.scheme, qtype)
+            scheme = codec.scheme_for(hf_name)  # a mixed checkpoint's layers each get their own block type
+            qtype = block_type(scheme, qw, layer)
+            data, scale_change, min_change = encode_blocks(qw, scheme, qtype)
             scales_moved.add(scale_change)
             mins_moved.add(min_change)
             writer.add_tensor(f"{name}.weight", data, raw_dtype=gguf.GGMLQuantizationType[qtype])

@@ -14,6 +14,7 @@ that quantized anything else (an untied lm_head) or different layers in differen
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -81,8 +82,11 @@ def version_of(qc: dict) -> int:
     return 2 if fmt == "gptq_v2" else 1
 
 
-def export_config(scheme: Scheme, version: int, has_g_idx: bool, block_prefix: str, per_block: list[list[str]], all_in_blocks: list[str]) -> dict:
-    """The `quantization_config` transformers' GPTQConfig (and vLLM) read, from an llmq checkpoint's facts."""
+def export_config(scheme: Scheme, version: int, has_g_idx: bool, block_prefix: str, per_block: list[list[str]],
+                  all_in_blocks: list[str], schemes: dict[str, Scheme] | None = None) -> dict:
+    """The `quantization_config` transformers' GPTQConfig (and vLLM) read, from an llmq checkpoint's facts. Layers
+    whose scheme differs from `scheme` get a GPTQModel `dynamic` override each ("+:<exact name>$": bits, group_size,
+    sym), which GPTQModel (and so transformers) and vLLM read."""
     config = {
         "quant_method": "gptq",
         "bits": scheme.bits,
@@ -96,7 +100,35 @@ def export_config(scheme: Scheme, version: int, has_g_idx: bool, block_prefix: s
     }
     if per_block[0] != all_in_blocks:
         config["modules_in_block_to_quantize"] = [per_block[0]]
+    own = {n: s for n, s in sorted((schemes or {}).items()) if s != scheme}
+    if own:
+        config["dynamic"] = {f"+:{re.escape(n)}$": {"bits": s.bits, "group_size": s.group_size if s.group_size is not None else -1,
+                                                    "sym": s.symmetric} for n, s in own.items()}
     return config
+
+
+def dynamic_schemes(qc: dict, layers: list[str]) -> dict[str, Scheme]:
+    """Each layer's scheme under GPTQModel's `dynamic` overrides (regex → keys, "+:" or no prefix: the first pattern
+    matching the start of the layer's name gives its keys over the config's; "-:" patterns skip the layer, so they
+    decide nothing for a layer the file quantizes)."""
+    dynamic = qc.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise BadInputError("quantization_config.dynamic: expected a mapping of regex -> overrides")
+    default, out = scheme_of(qc), {}
+    for name in layers:
+        for pattern, keys in dynamic.items():
+            if pattern.startswith("-:"):
+                if re.match(pattern[2:], name):
+                    break
+                continue
+            if re.match(pattern.removeprefix("+:"), name):
+                if not isinstance(keys, dict) or set(keys) - {"bits", "group_size", "sym", "desc_act"}:
+                    raise BadInputError(f"quantization_config.dynamic.{pattern}: llmq reads bits, group_size, sym and "
+                                        f"desc_act overrides, got {keys!r}")
+                out[name] = scheme_of({"bits": default.bits, "group_size": default.group_size or -1, "sym": default.symmetric,
+                                       **keys})
+                break
+    return out
 
 
 def block_layout(quantized: list[str], linears: list[str], block_prefix: str, n_blocks: int) -> tuple[list[list[str]], list[str]]:

@@ -71,6 +71,8 @@ def check_codes(qw: QWeight, scheme: Scheme, name: str) -> None:
                             f"0..{scheme.maxq}, the range of {scheme.bits}-bit codes")
 
 
-def imported_config(scheme: Scheme, ignore: list[str], has_g_idx: bool) -> dict:
-    """quantization_config of an imported checkpoint: every Linear but the unquantized ones, named exactly."""
-    return LlmqConfig.from_scheme(scheme, targets=[".*"], ignore=[re.escape(n) for n in ignore], g_idx=has_g_idx).to_dict()
+def imported_config(scheme: Scheme, ignore: list[str], has_g_idx: bool, schemes: dict[str, Scheme] | None = None) -> dict:
+    """quantization_config of an imported checkpoint: every Linear but the unquantized ones, named exactly; `schemes`
+    gives layers their own scheme where it differs from `scheme`."""
+    return LlmqConfig.from_scheme(scheme, targets=[".*"], ignore=[re.escape(n) for n in ignore], g_idx=has_g_idx,
+                                  schemes=schemes).to_dict()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInputError
-from ..model.structure import skeleton, targeted_linears
+from ..model.structure import decoder_blocks, skeleton, targeted_linears
 from ..numerics import SUPPORTED_BITS, Scheme, stored_bits
 from ..recipe import Recipe, SchemeConfig, check_against_layers
 from ..recipe.schema import LayerOverride
@@ -168,11 +168,33 @@ def _other_tensor_bits(model: nn.Module, quantized: set[str], dtype: torch.dtype
     return bits
 
 
-def assign(recipe: Recipe, plan: BudgetPlan, scores: dict[str, list[float]]) -> tuple[Recipe, dict[str, Scheme]]:
+def units(free: list[str], prefix: str, clusters: list[list[str]], tie: bool) -> list[list[str]]:
+    """What the solver chooses for: single layers, or (tie) the free layers of each decoder block (`prefix`.i) that
+    read one input together (`clusters`: block-relative names, the same in every block)."""
+    if not tie:
+        return [[n] for n in free]
+    cluster_of = {rel: tuple(c) for c in clusters for rel in c}
+    groups: dict[tuple, list[str]] = {}
+    for n in free:
+        block, rel = n.removeprefix(prefix + ".").split(".", 1) if n.startswith(prefix + ".") else (n, "")
+        groups.setdefault((block, cluster_of.get(rel, (rel,))), []).append(n)
+    return list(groups.values())
+
+
+def _summed(values: list[int | float | None]):
+    return None if any(v is None for v in values) else sum(values)
+
+
+def assign(recipe: Recipe, plan: BudgetPlan, scores: dict[str, list[float | None]], prefix: str = "",
+           clusters: list[list[str]] = ()) -> tuple[Recipe, dict[str, Scheme]]:
     """Solve, and return (the recipe with one override per chosen layer and no budget, {layer: chosen scheme})."""
     cands = candidates(recipe)
-    picks = solve([plan.sizes[n] for n in plan.free], [scores[n] for n in plan.free], plan.available)
-    chosen = {n: cands[c] for n, c in zip(plan.free, picks)}
+    groups = units(plan.free, prefix, list(clusters), recipe.scheme.budget.tie_shared_inputs)
+    sizes = [[_summed([plan.sizes[n][c] for n in g]) for c in range(len(cands))] for g in groups]
+    group_scores = [[_summed([scores[n][c] for n in g]) for c in range(len(cands))] for g in groups]
+    picks = solve(sizes, group_scores, plan.available)
+    chosen = {n: cands[c] for g, c in zip(groups, picks) for n in g}
+    chosen = {n: chosen[n] for n in plan.free}
     chosen_overrides = [
         LayerOverride(targets=[re.escape(n)], bits=s.bits, group_size=s.group_size, symmetric=s.symmetric)
         for n, s in chosen.items()
@@ -198,7 +220,7 @@ def choose(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, scale_dtyp
     cands = candidates(recipe)
     scores, facts = sensitivity.measure(recipe, base_dir, calibration, cands, plan.free, scale_dtype, device)
     t = time.perf_counter()
-    resolved, chosen = assign(recipe, plan, scores)
+    resolved, chosen = assign(recipe, plan, scores, decoder_blocks(model)[0], facts["clusters"])
     solve_s = time.perf_counter() - t
     used = used_bits(plan, chosen, scale_dtype, has_g_idx)
     b = recipe.scheme.budget

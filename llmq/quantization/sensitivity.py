@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import memory, numerics
-from ..calibration import capture_inputs
+from ..calibration import capture_inputs, linear_clusters
 from ..checkpoint.safetensors_io import CheckpointReader, files_stamp
 from ..environment import cache_dir
 from ..errors import LlmqError
@@ -44,7 +44,7 @@ from ..recipe import Recipe
 from .blockwise import unique_state_keys
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 GAIN_WINDOWS = 2  # windows the gains are measured on (one block forward per layer each): a ratio needs few tokens
 
 
@@ -62,8 +62,9 @@ def cache_key(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list
 
 def measure(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, cands: list[Scheme], layers: list[str],
             scale_dtype: torch.dtype, device: torch.device) -> tuple[dict[str, list[float | None]], dict]:
-    """{layer: [score per candidate, None where it does not fit]} for the named layers (all inside the decoder blocks), and facts about the
-    measurement (seconds, windows, whether it came from the cache)."""
+    """{layer: [score per candidate, None where it does not fit]} for the named layers (all inside the decoder
+    blocks), and facts about the measurement: seconds, windows, whether it came from the cache, and `clusters` (the
+    first block's Linear layers grouped by shared input, block-relative names: q/k/v, gate/up)."""
     windows = calibration[: recipe.scheme.budget.sensitivity_samples]
     key = cache_key(recipe, base_dir, windows, cands, layers)
     path = cache_dir() / "sensitivity" / f"{key}.json"
@@ -76,8 +77,8 @@ def measure(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, cands: li
         except (OSError, ValueError, KeyError):
             pass  # an unreadable cache entry is measured again
     t0 = time.perf_counter()
-    scores = _measure(recipe, base_dir, windows, cands, set(layers), scale_dtype, device)
-    facts = {"seconds": round(time.perf_counter() - t0, 2), "windows": list(windows.shape),
+    scores, clusters = _measure(recipe, base_dir, windows, cands, set(layers), scale_dtype, device)
+    facts = {"seconds": round(time.perf_counter() - t0, 2), "windows": list(windows.shape), "clusters": clusters,
              "method": "rtn error x input Hessian, calibrated per layer by the block-output error"}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic({"scores": scores, "facts": facts}, path)
@@ -86,7 +87,7 @@ def measure(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, cands: li
 
 @torch.no_grad()
 def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[Scheme], wanted: set[str],
-             scale_dtype: torch.dtype, device: torch.device) -> dict[str, list[float]]:
+             scale_dtype: torch.dtype, device: torch.device) -> tuple[dict[str, list[float | None]], list[list[str]]]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -105,10 +106,13 @@ def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[
     inputs = capture_inputs(model, blocks[0], list(torch.split(windows, recipe.calibration.batch_size)), device)
     probe = capture_inputs(model, blocks[0], [windows[:GAIN_WINDOWS]], device)  # the gains' block forwards
     model.to("meta")
-    scores: dict[str, list[float]] = {}
+    scores: dict[str, list[float | None]] = {}
+    clusters: list[list[str]] = []
     for i, block in enumerate(tqdm(blocks, desc="sensitivity", unit="block", leave=False)):
         names = [n for n, m in block.named_modules() if f"{prefix}.{i}.{n}" in wanted]
         reader.materialize(block, f"{prefix}.{i}.", unique_state_keys(block), device)
+        if i == 0:
+            clusters = linear_clusters(block, probe)
         hessians = {n: Hessian(block.get_submodule(n).in_features, device) for n in names}
         inputs.feed(block, {block.get_submodule(n): hessians[n].add for n in names}, stop_after=None)
         reference = probe.outputs(block)
@@ -134,4 +138,4 @@ def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[
             probe.advance(block)
         block.to("meta")
         memory.trim()
-    return scores
+    return scores, clusters

@@ -159,12 +159,15 @@ class SizeBudget(Strict):
     over the layers is least while the model fits the budget — exactly one of `bits_per_weight` (over the targeted
     Linear layers, with scales, zero points and g_idx as llmq stores them) or `size_mb` (the whole checkpoint's
     tensors, 10^6 bytes). Candidates default to 2, 3, 4 and 8 bits with the scheme's group size and symmetry.
-    Sensitivity is measured on the first `sensitivity_samples` calibration windows (sensitivity.py)."""
+    Sensitivity is measured on the first `sensitivity_samples` calibration windows (sensitivity.py). With
+    `tie_shared_inputs` the layers of a block that read the same input (q/k/v, gate/up) are chosen together, as one:
+    vLLM runs them as one fused matmul and needs them in one scheme."""
 
     bits_per_weight: float | None = Field(None, gt=0, le=32)
     size_mb: float | None = Field(None, gt=0)
     candidates: list[SchemeConfig] | None = None
     sensitivity_samples: int = Field(8, ge=1)
+    tie_shared_inputs: bool = True  # layers reading one input (q/k/v, gate/up) get one scheme: vLLM fuses them
 
     @field_validator("candidates", mode="before")
     @classmethod

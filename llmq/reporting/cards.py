@@ -140,12 +140,13 @@ def model_card(report: dict[str, Any]) -> str:
     s = r["scheme"]
     lines = [
         *_header(report, tags=[]),
-        f"# {r['model']} — {s['bits']}-bit {r['method']['name'].upper()} ({_scheme_words(s)})",
+        f"# {r['model']} — {_bits_title(report)} {r['method']['name'].upper()} ({_scheme_words(s)})",
         "",
         f"Quantized with llmq {report['llmq_version']} from `{report['model']['base_model']}`. Linear layers matching "
         f"{r['targets']} and not {r['ignore']} ({report['quantized_layers']} layers) {_storage_sentence(s)}",
         "",
         *_calibration_lines(r),
+        *_mixed_lines(report),
         *_training_lines(report),
         "## Evaluation",
         "",
@@ -183,6 +184,10 @@ def export_card(src: Path, label: str, quantization_config: dict[str, Any]) -> s
     fmt = quantization_config["quant_method"]
     report_path = Path(src) / "report.json"
     how = [line.replace("FOLDER", "path/to/this/folder") for line in LOADERS[fmt]]
+    if quantization_config.get("dynamic"):  # per-layer schemes: the loaders that read GPTQModel's overrides
+        how = ["Its layers differ in scheme (GPTQModel `dynamic` overrides): served by vLLM (`vllm serve FOLDER`) and "
+               "loaded by GPTQModel (`GPTQModel.load(\"FOLDER\")`). transformers' own GPTQ loader (optimum) ignores "
+               "the overrides and must not be used for it.".replace("FOLDER", "path/to/this/folder")]
     report = _saved_report(report_path)
     if report is not None:
         try:
@@ -200,7 +205,7 @@ def _export_card_from(report: dict[str, Any], fmt: str, label: str, quantization
         " --gptq-version 2" if quantization_config.get("checkpoint_format") == "gptq_v2" else "")
     lines = [
         *_header(report, tags=[fmt], extra={"format": label}),
-        f"# {r['model']} — {s['bits']}-bit {r['method']['name'].upper()} ({_scheme_words(s)}), {label}",
+        f"# {r['model']} — {_bits_title(report)} {r['method']['name'].upper()} ({_scheme_words(s)}), {label}",
         "",
         f"Quantized with llmq {report['llmq_version']} from `{report['model']['base_model']}` and exported to {label} "
         f"({report['quantized_layers']} quantized Linear layers). The integer codes, scales and zero points are exactly "
@@ -284,6 +289,37 @@ def _blockwise_lines(r: dict[str, Any]) -> list[str]:
         "The per-layer table in report.json has each block's output error before (`init_loss`) and after (`loss`).",
         "",
     ]
+
+
+def _bits_title(report: dict[str, Any]) -> str:
+    s = report["recipe"]["scheme"]
+    if report.get("quantization", {}).get("budget") or any(not o.get("skip") for o in report["recipe"].get("overrides") or []):
+        return f"mixed-precision (default {s['bits']}-bit)"
+    return f"{s['bits']}-bit"
+
+
+def _mixed_lines(report: dict[str, Any]) -> list[str]:
+    """Per-layer schemes: the budget they were chosen to (and what it met), or the recipe's overrides."""
+    budget = report.get("quantization", {}).get("budget")
+    overrides = report["recipe"].get("overrides") or []
+    if budget is None and not overrides:
+        return []
+    lines = ["## Per-layer schemes", ""]
+    if budget is None:
+        lines.append("The recipe's overrides (the first that matches a layer decides it; the others take the scheme above):")
+        lines.append("")
+        for o in overrides:
+            what = "kept in full precision" if o.get("skip") else ", ".join(
+                f"{k}: {o[k]}" for k in ("bits", "group_size", "symmetric") if o.get(k, "inherit") not in (None, "inherit"))
+            lines.append(f"- `{'`, `'.join(o['targets'])}` → {what}")
+        return [*lines, ""]
+    goal = ", ".join(f"{k}: {v}" for k, v in budget["budget"].items() if v is not None and k != "sensitivity_samples")
+    lines += [f"Each layer's scheme was chosen by llmq to a budget ({goal}): it uses {budget['used']} of {budget['allowed']}. "
+              f"Candidates: {', '.join(budget['candidates'])}; the choice minimises the summed measured sensitivity "
+              "(each layer's block-output error under each candidate, on calibration windows) under the budget.", "",
+              "| scheme | layers |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in budget["counts"].items() if v]
+    return [*lines, "", "Every layer's scheme is in `config.json` (`quantization_config.layers`) and `recipe.yaml`.", ""]
 
 
 def _uses_gptq(method: dict[str, Any]) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -56,17 +57,16 @@ def random_qweight(out: int, inp: int, scheme: Scheme, gen: torch.Generator, low
 
 
 def make_llmq_checkpoint(base: Path, out: Path, scheme: Scheme, seed: int = 0, lowest_zero: int = 0,
-                         g_idx: bool = False, ignore: tuple[str, ...] = ("lm_head",)) -> Path:
-    """An llmq checkpoint of the model in `base` whose layers hold random integers (zero points at both ends)."""
+                         g_idx: bool = False, ignore: tuple[str, ...] = ("lm_head",), own: dict[str, Scheme] | None = None) -> Path:
+    """An llmq checkpoint of the model in `base` whose layers hold random integers (zero points at both ends);
+    `own`: regex -> scheme for layers that take another scheme than `scheme` (a mixed checkpoint)."""
     gen = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     layers = targeted_linears(model, [".*"], list(ignore))
-    qweights = {n: random_qweight(m.out_features, m.in_features, scheme, gen, lowest_zero, g_idx) for n, m in layers.items()}
-    replace_linears(model, scheme, list(layers), torch.float32, qweights, has_g_idx=g_idx)
-    model.config.quantization_config = LlmqConfig(
-        bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric, ignore=list(ignore), g_idx=g_idx,
-        llmq_version=llmq.__version__,
-    )
+    schemes = {n: next((s for p, s in (own or {}).items() if re.fullmatch(p, n)), scheme) for n in layers}
+    qweights = {n: random_qweight(m.out_features, m.in_features, schemes[n], gen, lowest_zero, g_idx) for n, m in layers.items()}
+    replace_linears(model, schemes, list(layers), torch.float32, qweights, has_g_idx=g_idx)
+    model.config.quantization_config = LlmqConfig.from_scheme(scheme, [".*"], list(ignore), g_idx, schemes)
     model.save_pretrained(out)
     if (base / "tokenizer.json").is_file():
         (out / "tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
@@ -246,7 +246,7 @@ def test_import_reads_a_checkpoint_compressed_tensors_wrote(tiny_model_dir, tmp_
     scheme = Scheme(4, 32, False)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    weights = ct.export_config(scheme, [])["config_groups"]["group_0"]["weights"]
+    weights = ct.weights_args(scheme)
     apply_quantization_config(model, QuantizationConfig.model_validate({
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"],
         "format": "pack-quantized", "quantization_status": "calibration"}))
@@ -285,7 +285,7 @@ def test_compressed_tensors_own_packer_and_decompressor_agree(scheme):
     assert torch.equal(packed["weight_packed"], pack_to_int32((qw.q.to(torch.int32) - mid).to(torch.int8), scheme.bits))
     if not scheme.symmetric:
         assert torch.equal(packed["weight_zero_point"], pack_to_int32((qw.zeros - mid).to(torch.int8), scheme.bits, packed_dim=0))
-    weights = ct.export_config(scheme, [])["config_groups"]["group_0"]["weights"]
+    weights = ct.weights_args(scheme)
     qs = QuantizationScheme(targets=["Linear"], weights=weights)
     dense = PackedQuantizationCompressor.decompress(dict(packed), qs)["weight"]
     assert torch.equal(dense.float(), numerics.dequantize(qw, scheme, torch.float32))
@@ -302,7 +302,16 @@ def checkpoints(tmp_path_factory, tiny_model_dir):
     made = {str(s): make_llmq_checkpoint(tiny_model_dir, root / f"s{i}", s, seed=i, lowest_zero=1) for i, s in enumerate(SCHEMES)}
     made["zero0"] = make_llmq_checkpoint(tiny_model_dir, root / "zero0", Scheme(4, 32, False), seed=11, lowest_zero=0)
     made["g_idx"] = make_llmq_checkpoint(tiny_model_dir, root / "gidx", Scheme(4, 32, False), seed=12, lowest_zero=1, g_idx=True)
+    made["mixed-sym"] = make_llmq_checkpoint(tiny_model_dir, root / "mixed-sym", Scheme(4, 32, True), seed=13, own=MIXED_SYM)
+    made["mixed"] = make_llmq_checkpoint(tiny_model_dir, root / "mixed", Scheme(4, 32, False), seed=14, lowest_zero=1,
+                                         own=MIXED_ASYM)
     return made
+
+
+# per-layer schemes as a budget assigns them: q/k/v and gate/up share one (vLLM fuses them), others differ by block
+MIXED_SYM = {r".*layers\.0\.self_attn\.[qkv]_proj": Scheme(8, None, True), r".*mlp\.down_proj": Scheme(3, 32, True),
+             r".*layers\.1\.mlp\.(gate|up)_proj": Scheme(2, 64, True)}
+MIXED_ASYM = {r".*layers\.1\.self_attn\..*": Scheme(3, 64, False), r".*mlp\.down_proj": Scheme(8, None, True)}
 
 
 def test_export_then_import_is_byte_identical(checkpoints, tmp_path):
@@ -331,12 +340,14 @@ def test_peer_loaders_give_llmq_logits(checkpoints, tmp_path):
     for name, src in checkpoints.items():
         if name == str(BROKEN_UPSTREAM):
             continue  # see test_gptqmodel_cpu_fused_kernel_ignores_zero_points
-        cases.append((src, formats.export_checkpoint(src, tmp_path / f"{src.name}-v1", "gptq", 1) if name != "zero0" else None))
-        cases.append((src, formats.export_checkpoint(src, tmp_path / f"{src.name}-v2", "gptq", 2)))
-        if "symmetric=True" in name:
+        if not name.startswith("mixed"):  # transformers' GPTQ loader ignores `dynamic`: GPTQModel's own test below
+            cases.append((src, formats.export_checkpoint(src, tmp_path / f"{src.name}-v1", "gptq", 1) if name != "zero0" else None))
+            cases.append((src, formats.export_checkpoint(src, tmp_path / f"{src.name}-v2", "gptq", 2)))
+        if "symmetric=True" in name or name == "mixed-sym":
             cases.append((src, formats.export_checkpoint(src, tmp_path / f"{src.name}-ct", "compressed-tensors")))
     cases = [(src, done) for src, done in cases if done is not None]
-    assert sum(done.format.startswith("compressed-tensors") for _, done in cases) == 3
+    assert sum(done.format.startswith("compressed-tensors") for _, done in cases) == 4
+    assert sum(" schemes)" in done.format for _, done in cases) == 1  # mixed-sym as compressed-tensors
     results = peer_logits([done.output_dir for _, done in cases], tmp_path)
     wrong = []
     for (src, done), got in zip(cases, results):
@@ -350,6 +361,26 @@ def test_peer_loaders_give_llmq_logits(checkpoints, tmp_path):
         if err > FP16_REL * ref.abs().max().item():
             wrong.append(f"{done.output_dir.name} ({done.source.label} as {done.format}, {got['kinds']}): max |Δ| {err:.3g}")
     assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("name", ["mixed-sym", "mixed"])
+def test_gptqmodel_reads_per_layer_schemes_from_dynamic(checkpoints, tmp_path, name):
+    """A mixed checkpoint exported as GPTQ carries GPTQModel `dynamic` overrides; GPTQModel's own loader builds each
+    layer in its scheme. Its CPU kernels compute in reduced precision, so the bound is bf16's (a layer built in the
+    wrong scheme would load random weights: errors of order 1). The export says that transformers cannot read it."""
+    pytest.importorskip("gptqmodel")
+    from gptqmodel import GPTQModel
+
+    src = checkpoints[name]
+    done = formats.export_checkpoint(src, tmp_path / "gptq", "gptq", 2)
+    assert " schemes)" in done.format and any("GPTQModel" in n and "optimum" in n for n in done.notes)
+    model = GPTQModel.load(str(tmp_path / "gptq"), device="cpu")
+    kinds = {type(m).__name__ for m in model.model.modules()}
+    assert "Linear" in kinds and len(kinds & {"TorchLinear", "TorchCpuAvx512Linear", "TorchFusedLinear"}) >= 1
+    with torch.no_grad():
+        got = model.model(INPUT).logits.float()
+    ref = llmq_logits(src)
+    assert (got - ref).abs().max().item() <= 2.0**-7 * ref.abs().max().item()
 
 
 BROKEN_UPSTREAM = Scheme(4, None, False)
@@ -544,3 +575,24 @@ def test_cards_carry_provenance_numbers_and_the_command(tiny_recipe, tiny_model_
     assert f"| quantized | {report['metrics']['quantized']['ppl']:.3f} |" in exported
     assert f"llmq export {result.output_dir} OUT --format compressed-tensors" in exported
     assert (done.output_dir / "recipe.yaml").is_file() and not (done.output_dir / "report.json").exists()
+
+
+def test_gptq_dynamic_and_compressed_tensors_groups_give_each_layer_its_scheme():
+    layers = ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    qc = {"bits": 4, "group_size": 128, "sym": True,
+          "dynamic": {r"-:.*layers\.1\..*": {}, r"+:.*down_proj": {"bits": 8, "group_size": -1}, r".*up_proj": {"sym": False}}}
+    assert formats.gptq.dynamic_schemes(qc, layers) == {
+        "model.layers.0.mlp.down_proj": Scheme(8, None, True), "model.layers.0.mlp.up_proj": Scheme(4, 128, False)}
+    with pytest.raises(BadInputError, match="llmq reads bits, group_size, sym and desc_act"):
+        formats.gptq.dynamic_schemes({**qc, "dynamic": {".*": {"quant_method": "awq"}}}, layers)
+
+    def group(targets, bits):
+        return {"targets": targets, "weights": {"num_bits": bits, "strategy": "group", "group_size": 32, "symmetric": True}}
+
+    qc = {"config_groups": {"a": group(["Linear"], 4), "b": group([r"re:.*down_proj"], 8), "c": group([layers[2]], 2)}}
+    assert {n: s.bits for n, s in ct.layer_schemes(qc, layers).items()} == {layers[0]: 8, layers[1]: 4, layers[2]: 2}
+    qc["config_groups"]["d"] = group([r"re:.*layers\.0\.mlp\.down"], 3)
+    with pytest.raises(LlmqError, match="config groups b, d both target it with different schemes"):
+        ct.layer_schemes(qc, layers)
+    with pytest.raises(LlmqError, match="no config group targets it"):
+        ct.layer_schemes({"config_groups": {"c": group([layers[2]], 2)}}, layers)

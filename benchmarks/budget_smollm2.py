@@ -1,0 +1,99 @@
+"""Mixed precision to a budget on SmolLM2-135M: uniform GPTQ W3g64 and W4g64 next to GPTQ models whose per-layer
+schemes were chosen to the same bits per weight (scheme.budget), and to a whole-checkpoint size; all in one process,
+one after another, on the same calibration and the perplexity protocol (wiki 16 x 2048, fp32). Budget rows tie the
+layers that read one input (q/k/v, gate/up: vLLM fuses them) unless named -untied.
+
+    python benchmarks/budget_smollm2.py [--out benchmarks/results/budget_smollm2] [--keep out/budget-bench]
+
+The budgets are the bits per weight the uniform checkpoints store (measured from their files, scales and zero points
+included). Writes <out>.json (every number) and <out>.md. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import llmq
+from llmq.checkpoint.safetensors_io import weights_bytes
+from llmq.evaluation.checkpoint_info import stored_bits_per_weight
+
+HERE = Path(__file__).parent
+CANDIDATES = ["W2g64", "W3g64", "W3g128", "W4g64", "W4g128", "W8g128"]
+
+
+def recipe(name: str, bits: int, out: Path, budget: dict | None = None, baseline: bool = False,
+           dtype: str = "float32") -> dict:
+    r = llmq.Recipe.from_yaml(HERE.parent / "recipes" / "gptq-w3g64.yaml").to_dict()  # GPTQ settings of the uniform runs
+    r.update(name=name, output={"dir": str(out / name), "dtype": dtype})
+    r["scheme"] = {"bits": bits, "group_size": 64, "symmetric": False}
+    if budget is not None:
+        r["scheme"]["budget"] = {"candidates": CANDIDATES, **budget}
+    r["eval"] = {**r["eval"], "baseline": baseline}
+    return r
+
+
+def run(r: dict) -> dict:
+    t = time.perf_counter()
+    result = llmq.run(r, overwrite=True)
+    folder = result.output_dir
+    q = result.report["quantization"]
+    row = {"name": r["name"], "ppl": result.metrics["quantized"]["ppl"],
+           "bits_per_weight": stored_bits_per_weight(folder), "size_mb": weights_bytes(folder) / 1e6,
+           "quantize_s": result.timings["quantize_s"], "budget_s": result.timings.get("budget_s"),
+           "wall_s": time.perf_counter() - t}
+    if "base" in result.metrics:
+        row["base_ppl"] = result.metrics["base"]["ppl"]
+    if "budget" in q:
+        b = q["budget"]
+        row.update(budget=b["budget"], allowed=b["allowed"], used=b["used"], counts=b["counts"],
+                   sensitivity_s=b["sensitivity"]["seconds"], sensitivity_cached=bool(b["sensitivity"]["cached"]),
+                   layers=b["layers"])
+    print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(HERE / "results" / "budget_smollm2"))
+    ap.add_argument("--keep", default="out/budget-bench", help="where the checkpoints go")
+    args = ap.parse_args()
+    keep = Path(args.keep)
+    rows = [run(recipe("uniform-w3g64", 3, keep, baseline=True)), run(recipe("uniform-w4g64", 4, keep))]
+    w3, w4 = rows[0], rows[1]
+    rows.append(run(recipe("budget-w3g64-bpw", 3, keep, {"bits_per_weight": w3["bits_per_weight"]})))
+    rows.append(run(recipe("budget-w4g64-bpw", 4, keep, {"bits_per_weight": w4["bits_per_weight"]})))
+    rows.append(run(recipe("budget-w3g64-bpw-untied", 3, keep,
+                           {"bits_per_weight": w3["bits_per_weight"], "tie_shared_inputs": False})))
+    # whole-checkpoint sizes: unquantized tensors (the tied 49k x 576 embedding) and scales in fp16
+    rows.append(run(recipe("uniform-w4g64-fp16", 4, keep, dtype="float16")))
+    rows.append(run(recipe("budget-100mb-fp16", 4, keep, {"size_mb": 100}, dtype="float16")))
+    gap = w3["ppl"] - w4["ppl"]
+    for r in rows[2:5]:
+        ref = w3 if "w3" in r["name"] else w4
+        r["gap_closed_vs_uniform_w3_to_w4"] = (w3["ppl"] - r["ppl"]) / gap
+        r["ppl_vs_uniform"] = r["ppl"] / ref["ppl"] - 1
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = ["# Mixed precision to a budget on SmolLM2-135M", "",
+             "GPTQ (recipes/gptq-w3g64.yaml settings: act order + static groups, MSE clipping, 64 x 512 lambada), wiki "
+             "perplexity per the protocol (16 x 2048, fp32), all runs in one process on this project's 2-core CPU. "
+             "Budget runs choose each layer's scheme among " + ", ".join(CANDIDATES) + " (fp32 scales, as the uniform "
+             "runs store them). Command: `python benchmarks/budget_smollm2.py`.", "",
+             f"Base model perplexity: {w3['base_ppl']:.3f}.", "",
+             "| model | bits / weight (stored) | checkpoint MB | wiki ppl | vs uniform | gap W3→W4 closed | schemes | sensitivity s | quantize s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        counts = ", ".join(f"{k}×{v}" for k, v in r.get("counts", {}).items() if v) or "uniform"
+        vs = f"{r['ppl_vs_uniform']:+.1%}" if "ppl_vs_uniform" in r else "-"
+        gap_closed = f"{r['gap_closed_vs_uniform_w3_to_w4']:.0%}" if "gap_closed_vs_uniform_w3_to_w4" in r else "-"
+        sens = "-" if r.get("sensitivity_s") is None else f"{r['sensitivity_s']:.0f}" + (" (cached)" if r["sensitivity_cached"] else "")
+        lines.append(f"| {r['name']} | {r['bits_per_weight']:.3f} | {r['size_mb']:.1f} | {r['ppl']:.3f} | {vs} | {gap_closed} | "
+                     f"{counts} | {sens} | {r['quantize_s']:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
