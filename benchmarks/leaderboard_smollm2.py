@@ -2,8 +2,8 @@
 
     python benchmarks/leaderboard_smollm2.py [--suites quick leaderboard-cpu] [--store benchmarks/results/store.jsonl]
 
-Rows: the base model; RTN and GPTQ at W8 (per-channel, symmetric), W4g64 and W3g64 (asymmetric), from the recipes
-in recipes/; NF4 through bitsandbytes (transformers' BitsAndBytesConfig, bitsandbytes' own quantization, saved in
+Rows: the base model; RTN and GPTQ at W8 (per-channel, symmetric), W4g64 and W3g64 (asymmetric), and GPTQ with
+per-layer schemes chosen to the bits per weight of the uniform W3g64 / W4g64 rows, from the recipes in recipes/; NF4 through bitsandbytes (transformers' BitsAndBytesConfig, bitsandbytes' own quantization, saved in
 its serialization). Checkpoints go to out/leaderboard/<row> (made once, reused); every result goes to the results
 store, so a rerun only evaluates what is missing. The quick suite runs on every row; the leaderboard suite named
 by --full (default leaderboard-cpu: the leaderboard's tasks and shots with CPU-sized limits) on the base and the
@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {  # row name -> recipe file
     "rtn-w8": "w8-per-channel.yaml", "rtn-w4g64": "quickstart.yaml", "rtn-w3g64": "w3g64.yaml",
     "gptq-w8": "gptq-w8.yaml", "gptq-w4g64": "gptq-w4g64.yaml", "gptq-w3g64": "gptq-w3g64.yaml",
+    # per-layer schemes chosen to the bits per weight the uniform W3g64 / W4g64 rows store
+    "gptq-budget-3.55bpw": "gptq-budget-3.55bpw.yaml", "gptq-budget-4.56bpw": "gptq-budget-4.56bpw.yaml",
 }
 BASE = "smollm2-135m"
 

@@ -1,7 +1,8 @@
 """Quantize a recipe's model and nothing else, in this process, and print wall time and peak RSS as JSON.
 
 Used by benchmarks/gptq_bench.py in a fresh subprocess per recipe, so peak RSS is that of quantizing alone (model
-resolution and tokenizing the calibration text happen first and are timed separately; no evaluation).
+resolution and tokenizing the calibration text happen first and are timed separately; no evaluation). A recipe with
+`scheme.budget` first chooses its schemes (sensitivity + solve), timed and sampled on their own.
 
     python benchmarks/quantize_only.py RECIPE OUT_DIR
 """
@@ -24,7 +25,7 @@ from llmq.environment import DTYPES
 from llmq.io import partial_dir
 from llmq.model.resolve import resolve
 from llmq.pipeline import as_recipe
-from llmq.quantization import blockwise
+from llmq.quantization import blockwise, budget
 
 
 class RssSampler(threading.Thread):
@@ -56,10 +57,23 @@ def main(recipe_path: str, out: str) -> dict:
     t = time.perf_counter()
     base = resolve(recipe.model)
     tokenizer = loading.load_tokenizer(base)
-    calib = calibration.calibration_batches(recipe.calibration, tokenizer) if recipe.method.name != "rtn" else None
+    needs_windows = recipe.method.name != "rtn" or recipe.scheme.budget is not None
+    calib = calibration.calibration_batches(recipe.calibration, tokenizer) if needs_windows else None
     prepare_s = time.perf_counter() - t
     work = partial_dir(Path(out))
     shutil.rmtree(work, ignore_errors=True)
+    chose = {}
+    if recipe.scheme.budget is not None:  # sensitivity + solve, timed and sampled on their own
+        sampler = RssSampler()
+        sampler.start()
+        t = time.perf_counter()
+        try:
+            recipe, record = budget.choose(recipe, base, calib, DTYPES[recipe.output.dtype], torch.device("cpu"))
+        finally:
+            sampler.__exit__()
+        chose = {"budget_s": round(time.perf_counter() - t, 2), "sensitivity_s": record["sensitivity"]["seconds"],
+                 "sensitivity_cached": bool(record["sensitivity"]["cached"]), "budget_used": record["used"],
+                 "peak_rss_gb_while_choosing": round(sampler.peak / 2**30, 3)}
     rss_start = rss_bytes()
     sampler = RssSampler()
     sampler.start()
@@ -79,6 +93,7 @@ def main(recipe_path: str, out: str) -> dict:
         "peak_rss_gb_while_quantizing": round(sampler.peak / 2**30, 3),
         "peak_rss_gb_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "layers": len(summary.layers),
+        **chose,
         "weights_sha256": weights_digest(Path(out)),
     }
 

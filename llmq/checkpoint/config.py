@@ -13,6 +13,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import LlmqError
 from ..numerics import Scheme
+from ..recipe.targets import pattern
 from ..version import __version__
 
 QUANT_METHOD = "llmq"
@@ -44,6 +45,8 @@ class LlmqConfig(QuantizationConfigMixin):
         self.g_idx = g_idx
         self.layers = {name: dict(v) for name, v in (layers or {}).items()}  # layer -> {bits, group_size, sym}
         self.format_version = format_version
+        if self.layers and format_version < 2:
+            raise LlmqError(f"quantization_config: per-layer schemes (layers) need format_version 2, got {format_version}")
         self.llmq_version = llmq_version
         if format_version > FORMAT_VERSION:
             raise LlmqError(
@@ -59,7 +62,8 @@ class LlmqConfig(QuantizationConfigMixin):
         override) join `ignore` by exact name, so readers of version 1 select the same layers."""
         layers = {n: {"bits": s.bits, "group_size": s.group_size, "sym": s.symmetric}
                   for n, s in sorted((schemes or {}).items()) if s != scheme}
-        ignore = list(ignore) + [re.escape(n) for n in sorted(skipped)]
+        targets = [pattern(p) for p in targets]  # plain full-match regexes, as every llmq version reads them
+        ignore = [pattern(p) for p in ignore] + [re.escape(n) for n in sorted(skipped)]
         return cls(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric, format=scheme.format,
                    targets=targets, ignore=ignore, g_idx=g_idx, layers=layers, format_version=2 if layers else 1,
                    llmq_version=__version__)

@@ -37,6 +37,10 @@ class LlmqHfQuantizer(HfQuantizer):
         cfg: LlmqConfig = self.quantization_config
         layers = targeted_linears(model, cfg.targets, cfg.ignore)
         names = sorted(layers)
+        stray = sorted(set(cfg.layers) - set(names))
+        if stray:
+            raise LlmqError(f"quantization_config.layers names {stray[0]}, which its targets / ignore do not quantize: "
+                            "a damaged or hand-edited config")
         if checkpoint_files:
             check_checkpoint_keys([str(f) for f in checkpoint_files], names, cfg.g_idx)
         # scales and bias follow the dtype the model is being built in (from_pretrained's `dtype`)

@@ -96,13 +96,35 @@ def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_versio
     notes = []
     if encoder.mixed:
         label += f" ({len(set(schemes.values()))} schemes)"
+        split = _split_fused(schemes)
+        if split:
+            notes.append(f"{split}: vLLM fuses these projections into one matmul and runs them in one scheme (the first "
+                         "one's); quantize with a budget (it ties them) or give them one override")
         if format == "gptq":
-            notes.append("per-layer schemes are written as GPTQModel `dynamic` overrides, which GPTQModel and vLLM "
-                         "read; transformers' GPTQ loader (optimum) ignores them and would rebuild those layers in the "
-                         "default scheme: load this export with GPTQModel or vLLM, or export as compressed-tensors")
+            notes.append("per-layer schemes are written as GPTQModel `dynamic` overrides, which GPTQModel's loader "
+                         "reads; transformers' GPTQ loader (optimum) ignores them and would rebuild those layers in the "
+                         "default scheme, and vLLM matches them against its fused layer names (qkv_proj, gate_up_proj), "
+                         "which per-projection overrides do not name: load this export with GPTQModel, or export as "
+                         "compressed-tensors for transformers and vLLM")
     convert(src, dst, shapes, decoder, encoder, lambda _: config, card=lambda: export_card(src, label, config), overwrite=overwrite,
             desc=f"exporting as {label}")
     return ConversionResult(found, dst, len(layers), label, tuple(notes))
+
+
+# Projections vLLM fuses into one matmul (its Llama-family packed modules): they need one scheme in a served export.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _split_fused(schemes: dict[str, Scheme]) -> str | None:
+    """The first set of fused projections whose schemes differ, in words, or None."""
+    for name in sorted(schemes):
+        parent, _, leaf = name.rpartition(".")
+        for group in FUSED:
+            if leaf == group[0]:
+                found = {f"{parent}.{g}": schemes.get(f"{parent}.{g}") for g in group}
+                if len({s for s in found.values() if s is not None}) > 1:
+                    return f"{parent}.{'/'.join(group)} have different schemes"
+    return None
 
 
 def import_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False) -> ConversionResult:

@@ -122,11 +122,13 @@ def dynamic_schemes(qc: dict, layers: list[str]) -> dict[str, Scheme]:
                     break
                 continue
             if re.match(pattern.removeprefix("+:"), name):
-                if not isinstance(keys, dict) or set(keys) - {"bits", "group_size", "sym", "desc_act"}:
-                    raise BadInputError(f"quantization_config.dynamic.{pattern}: llmq reads bits, group_size, sym and "
-                                        f"desc_act overrides, got {keys!r}")
+                if not isinstance(keys, dict):
+                    raise BadInputError(f"quantization_config.dynamic.{pattern}: expected a mapping of overrides, got {keys!r}")
+                # bits, group_size and sym decide the stored format; other keys (damp_percent, desc_act, ...) only
+                # how it was quantized (g_idx is read from the files)
+                stored = {k: keys[k] for k in ("bits", "group_size", "sym") if k in keys}
                 out[name] = scheme_of({"bits": default.bits, "group_size": default.group_size or -1, "sym": default.symmetric,
-                                       **keys})
+                                       **stored})
                 break
     return out
 

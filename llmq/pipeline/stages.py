@@ -12,6 +12,7 @@ Under `accelerate launch` (QAT on several processes) every process trains; only 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import shlex
 import shutil
@@ -35,7 +36,7 @@ from ..evaluation.gate import check as check_gate
 from ..evaluation.perplexity import Perplexity, perplexity
 from ..evaluation.store import ResultsStore
 from ..evaluation.suite_run import evaluate_suite
-from ..io import check_output_free, move_into_place, output_lock, partial_dir
+from ..io import check_output_free, move_into_place, output_lock, partial_dir, write_json_atomic
 from ..loading import load_model, load_tokenizer
 from ..logs import as_text, shown_on
 from ..methods import needs_calibration
@@ -44,6 +45,7 @@ from ..quantization import bitsandbytes as bnb_quantization
 from ..quantization import blockwise, qat
 from ..quantization import budget as budget_solver
 from ..quantization.blockwise import QuantizeSummary
+from ..quantization.resume import BUDGET, run_key
 from ..recipe import BNB_FORMATS, Recipe
 from ..reporting import report
 from ..reporting.tables import budget_table, layer_printer, run_table
@@ -143,6 +145,9 @@ def prepare(recipe: Recipe, out: Path, overwrite: bool, resume: bool) -> Job:
     work = partial_dir(out)
     if resume and not (work.is_dir() and any(work.iterdir())):
         raise BadInputError(f"--resume: there is no interrupted run of {str(out)!r} to resume ({work} is missing or empty)")
+    if world_size() > 1 and recipe.scheme.budget is not None:
+        raise BadInputError("scheme.budget is chosen in one process: run the recipe without accelerate launch, or "
+                            "give the schemes as overrides (the recipe.yaml a budget run writes names every layer's)")
     if world_size() > 1 and (recipe.method.name != "qat" or recipe.method.blockwise):
         raise BadInputError(f"method {recipe.method.name} runs in one process; only qat trains on several (accelerate launch)")
     if recipe.scheme.format in BNB_FORMATS and recipe.method.name == "rtn" and work.is_dir() and any(work.iterdir()):
@@ -156,6 +161,14 @@ def prepare(recipe: Recipe, out: Path, overwrite: bool, resume: bool) -> Job:
               _calibration_windows(recipe, tokenizer), _training_windows(recipe, tokenizer), is_main_process())
     job.timings["prepare_s"] = time.perf_counter() - t
     return job
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
 
 
 def _eval_windows(recipe: Recipe, tokenizer) -> torch.Tensor | None:
@@ -200,11 +213,23 @@ def evaluate_base(job: Job) -> None:
 
 def choose_schemes(job: Job) -> None:
     """`scheme.budget`: measure each layer's sensitivity (or reuse it), solve for the schemes, and carry on with the
-    resolved recipe (one override per layer; it is the recipe saved beside the checkpoint)."""
+    resolved recipe (one override per layer; it is the recipe saved beside the checkpoint). The choice is kept in the
+    partial folder, so a resumed run quantizes exactly what the interrupted one chose, whatever the cache holds."""
     budget = job.recipe.scheme.budget
-    logger.info(f"choosing each layer's scheme to the budget ({budget.model_dump(exclude_none=True, exclude={'candidates'})})")
     t = time.perf_counter()
-    job.recipe, job.budget = budget_solver.choose(job.recipe, job.base_dir, job.calibration, job.dtype, default_device())
+    saved, key = job.work / BUDGET, run_key(job.recipe, job.base_dir, job.calibration)
+    kept = _read_json(saved)
+    if isinstance(kept, dict) and kept.get("run") == key and {"recipe", "record"} <= set(kept):
+        logger.info(f"resuming with the schemes the interrupted run chose ({saved})")
+        job.recipe, job.budget = Recipe.from_dict(kept["recipe"], source=str(saved)), kept["record"]
+    else:
+        if job.work.is_dir() and any(p.name != BUDGET for p in job.work.iterdir()):
+            raise BadInputError(f"{job.work} holds an interrupted run of a different recipe, model or calibration data; "
+                                "remove it to start over")
+        logger.info(f"choosing each layer's scheme to the budget ({budget.model_dump(exclude_none=True, exclude={'candidates'})})")
+        job.recipe, job.budget = budget_solver.choose(job.recipe, job.base_dir, job.calibration, job.dtype, default_device())
+        job.work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic({"run": key, "recipe": job.recipe.to_dict(), "record": job.budget}, saved)
     job.timings["budget_s"] = time.perf_counter() - t
     table = budget_table(job.budget)
     logger.info(as_text(table), extra={"renderable": table})
@@ -272,6 +297,7 @@ def save(job: Job, done: Quantized, overwrite: bool) -> None:
         final = bnb_quantization.save(job.recipe, job.base_dir, job.work, job.dtype, done.summary.layers, done.bnb_model)
         done.bnb_model = None
         gc.collect()
+    (job.work / BUDGET).unlink(missing_ok=True)  # a resume file: report.json records the budget
     job.tokenizer.save_pretrained(final)
     (final / "recipe.yaml").write_text(yaml.safe_dump(job.recipe.to_dict(), sort_keys=False))
     move_into_place(final, job.out, overwrite)

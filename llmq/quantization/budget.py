@@ -124,6 +124,11 @@ def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], 
     cands = candidates(recipe)
     fixed = {n for n in layers if any(matches(n, o.targets) for o in recipe.overrides)}
     free = [n for n in schemes if n not in fixed]
+    prefix = decoder_blocks(model)[0] + "."
+    outside = [n for n in free if not n.startswith(prefix)]
+    if outside:
+        raise BadInputError(f"scheme.budget: {outside[0]} lies outside the decoder blocks, where no calibration "
+                            "activations reach to measure it; fix its scheme with an override (or ignore it)")
     shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
     def fits(c: Scheme, in_features: int) -> bool:
         return c.group_size is None or in_features % c.group_size == 0
@@ -135,15 +140,15 @@ def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], 
     # a candidate whose group size does not divide a layer is simply not offered to that layer
     sizes = {n: [stored_bits(*shapes[n], c, scale_dtype, has_g_idx) if fits(c, shapes[n][1]) else None for c in cands]
              for n in free}
-    dtype_bits = torch.finfo(scale_dtype).bits
     fixed_bits = sum(stored_bits(*shapes[n], schemes[n], scale_dtype, has_g_idx) for n in fixed if n in schemes)
-    fixed_bits += sum(o * i * dtype_bits for n, (o, i) in shapes.items() if n not in schemes)  # skipped: full precision
     if b.bits_per_weight is not None:
         budget_bits = math.floor(b.bits_per_weight * sum(o * i for o, i in shapes.values()))
+        dtype_bits = torch.finfo(scale_dtype).bits
+        fixed_bits += sum(o * i * dtype_bits for n, (o, i) in shapes.items() if n not in schemes)  # skipped layers
         unit = "bits per weight"
     else:
         budget_bits = math.floor(b.size_mb * 8e6)
-        fixed_bits += _other_tensor_bits(model, set(schemes), scale_dtype)
+        fixed_bits += _other_tensor_bits(model, set(schemes), scale_dtype)  # skipped layers' weights included
         unit = "MB"
     plan = BudgetPlan(free, shapes, sizes, fixed_bits, budget_bits, unit)
     least = fixed_bits + sum(_smallest(s) for s in sizes.values())
@@ -222,7 +227,7 @@ def choose(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, scale_dtyp
     t = time.perf_counter()
     resolved, chosen = assign(recipe, plan, scores, decoder_blocks(model)[0], facts["clusters"])
     solve_s = time.perf_counter() - t
-    used = used_bits(plan, chosen, scale_dtype, has_g_idx)
+    used = used_bits(plan, chosen, scale_dtype, stores_g_idx(recipe, [*schemes.values(), *chosen.values()]))
     b = recipe.scheme.budget
     record = {
         "budget": b.model_dump(mode="json", exclude={"candidates"}), "candidates": [label(c) for c in cands],

@@ -24,6 +24,10 @@ def quantize(
     if scheme.format in BNB_FORMATS:
         raise BadInputError(f"scheme.format {scheme.format}: bitsandbytes formats are written by `llmq run` (through "
                             "transformers' bitsandbytes integration); the in-memory API makes llmq integer layers only")
+    if recipe.scheme.budget is not None:
+        raise BadInputError("scheme.budget: the in-memory API takes schemes as given; a budget is chosen by `llmq run` "
+                            "(its recipe.yaml then names every layer's scheme), or call llmq.quantization.budget.choose "
+                            "on the base checkpoint first")
     dtype = DTYPES[recipe.output.dtype]
     layers = targeted_linears(model, recipe.targets, recipe.ignore)
     check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})

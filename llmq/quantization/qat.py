@@ -24,7 +24,7 @@ from ..numerics import QWeight
 from ..recipe import Recipe
 from . import blockwise
 from .blockwise import QuantizeSummary
-from .resume import run_key
+from .resume import BUDGET, run_key
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def quantize_checkpoint(
     state_path = work / training.STATE
     for leftover in work.glob("*.tmp"):  # a save interrupted by an earlier kill: the previous state is still whole
         leftover.unlink()
-    if any(p.name not in (training.STATE, training.STATE_KEY) for p in work.iterdir()):
+    if any(p.name not in (training.STATE, training.STATE_KEY, BUDGET) for p in work.iterdir()):
         raise LlmqError(f"{work} is not empty and holds no llmq QAT state; remove it to start over")
     model = load_model(base_dir, dtype=torch.float32)
     done = quantize_model(

@@ -20,6 +20,7 @@ from ..recipe import Recipe
 
 PROGRESS = "llmq-progress.json"
 ACTIVATIONS = "llmq-activations.pt"
+BUDGET = "llmq-budget.json"  # the schemes a budget chose (pipeline.stages.choose_schemes), kept for the resume
 
 
 def run_key(recipe: Recipe, base_dir: Path, *windows: torch.Tensor | None) -> str:
@@ -48,6 +49,6 @@ def blocks_done(work: Path, key: str, n_blocks: int | None = None) -> int:
             raise LlmqError(f"{work} holds an interrupted run of a different recipe, model or calibration data; "
                             "remove it to start over")
         return int(progress["blocks_done"])
-    if any(work.iterdir()):
+    if any(p.name != BUDGET for p in work.iterdir()):
         raise LlmqError(f"{work} is not empty and holds no llmq progress file; remove it to start over")
     return 0

@@ -97,9 +97,8 @@ def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[
     model.tie_weights()
     prefix, blocks = decoder_blocks(model)
     outside = sorted(n for n in wanted if not n.startswith(prefix + "."))
-    if outside:
-        raise LlmqError(f"scheme.budget: {outside[0]} lies outside the decoder blocks, where no calibration activations "
-                        "reach to measure it; fix its scheme with an override (or ignore it)")
+    if outside:  # budget.plan_budget refuses these before any work
+        raise LlmqError(f"sensitivity: {outside[0]} lies outside the decoder blocks; it cannot be measured")
     reader = CheckpointReader(base_dir)
     rest = unique_state_keys(model, skip_prefix=prefix + ".")
     reader.materialize(model, "", rest, device)

@@ -22,7 +22,7 @@ from ..errors import BadInputError
 from ..numerics import SUPPORTED_BITS, Scheme
 from .messages import first_error, load_yaml
 from .presets import BLOCKWISE_KEYS, BNB_FORMATS, GPTQ_KEYS, METHOD_NAMES, PRESETS, QAT_KEYS
-from .targets import is_targeted
+from .targets import is_targeted, pattern
 
 
 class Strict(BaseModel):
@@ -85,6 +85,15 @@ class SchemeConfig(Strict):
         return Scheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, format=self.format)
 
 
+def _valid_patterns(patterns: list[str]) -> list[str]:
+    for p in patterns:
+        try:
+            re.compile(pattern(p))
+        except re.error as e:
+            raise ValueError(f"{p!r} is not a valid regular expression ({e})") from None
+    return patterns
+
+
 def _scheme_dict(data: Any, where: str) -> Any:
     """A candidate or override written as a preset name, a short name (W3g64, W4g128-sym, W8) or a mapping."""
     if isinstance(data, str):
@@ -127,12 +136,7 @@ class LayerOverride(Strict):
     def _patterns(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("name at least one layer pattern")
-        for p in v:
-            try:
-                re.compile(p[3:] if p.startswith("re:") else p)
-            except re.error as e:
-                raise ValueError(f"{p!r} is not a valid regular expression ({e})") from None
-        return v
+        return _valid_patterns(v)
 
     @model_validator(mode="after")
     def _scheme_or_skip(self) -> LayerOverride:
@@ -407,12 +411,7 @@ class Recipe(Strict):
     @field_validator("targets", "ignore")
     @classmethod
     def _regexes(cls, v: list[str]) -> list[str]:
-        for pattern in v:
-            try:
-                re.compile(pattern[3:] if pattern.startswith("re:") else pattern)
-            except re.error as e:
-                raise ValueError(f"{pattern!r} is not a valid regular expression ({e})") from None
-        return v
+        return _valid_patterns(v)
 
     @model_validator(mode="after")
     def _qat_trains(self) -> Recipe:
@@ -484,7 +483,14 @@ class Recipe(Strict):
         return Path(self.output.dir or f"out/{self.name or 'llmq'}")
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The validated recipe as plain data; keys added with per-layer schemes are left out when unused, so a recipe
+        without them hashes (and resumes, and is saved) as before."""
+        data = self.model_dump(mode="json")
+        if not data["overrides"]:
+            del data["overrides"]
+        if data["scheme"]["budget"] is None:
+            del data["scheme"]["budget"]
+        return data
 
     def hash(self) -> str:
         """Content hash of the validated recipe (key order and formatting do not matter)."""

@@ -2,7 +2,7 @@
 on a meta-device skeleton, before any weight is read).
 
 Patterns are Python regexes matched against the full module name; llm-compressor's spelling `re:<regex>` is
-accepted too. Per-layer overrides (`overrides:` in a recipe) are tried in order and the first one whose targets
+accepted too, with its meaning (matched from the start of the name, not necessarily to its end). Per-layer overrides (`overrides:` in a recipe) are tried in order and the first one whose targets
 match a layer decides it: another scheme, or `skip` (the layer keeps its full-precision weights).
 """
 
@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 def pattern(p: str) -> str:
-    """The regex of a target pattern (llm-compressor's `re:` prefix removed)."""
-    return p[3:] if p.startswith("re:") else p
+    """The full-match regex of a target pattern. Plain patterns match the whole module name; llm-compressor's
+    `re:<regex>` matches from the start of the name, as compressed-tensors matches it (re.match)."""
+    return f"(?:{p[3:]}).*" if p.startswith("re:") else p
 
 
 def matches(module_name: str, patterns: list[str]) -> bool:
@@ -65,8 +66,11 @@ def check_against_layers(recipe: Any, layers: dict[str, int]) -> dict[str, Schem
         raise BadInputError("overrides skip every targeted layer: nothing is left to quantize")
     for name, scheme in schemes.items():
         gs, in_features = scheme.group_size, layers[name]
+        rule = next((i for i, o in enumerate(recipe.overrides) if matches(name, o.targets)), None)
+        if rule is None and recipe.scheme.budget is not None:
+            continue  # the budget chooses this layer's scheme among candidates that fit it (quantization/budget.py)
         if gs is not None and in_features % gs:
-            where = "scheme.group_size" if scheme == recipe.scheme.to_scheme() else "the override's group_size"
+            where = "scheme.group_size" if rule is None else f"overrides[{rule}].group_size"
             raise BadInputError(
                 f"{where}: {gs} does not divide in_features {in_features} of {name} "
                 f"(try a divisor of {in_features}, e.g. 64 or 32, or null for per-channel)"

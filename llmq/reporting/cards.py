@@ -185,9 +185,10 @@ def export_card(src: Path, label: str, quantization_config: dict[str, Any]) -> s
     report_path = Path(src) / "report.json"
     how = [line.replace("FOLDER", "path/to/this/folder") for line in LOADERS[fmt]]
     if quantization_config.get("dynamic"):  # per-layer schemes: the loaders that read GPTQModel's overrides
-        how = ["Its layers differ in scheme (GPTQModel `dynamic` overrides): served by vLLM (`vllm serve FOLDER`) and "
-               "loaded by GPTQModel (`GPTQModel.load(\"FOLDER\")`). transformers' own GPTQ loader (optimum) ignores "
-               "the overrides and must not be used for it.".replace("FOLDER", "path/to/this/folder")]
+        how = ["Its layers differ in scheme (GPTQModel `dynamic` overrides): load it with GPTQModel "
+               "(`GPTQModel.load(\"FOLDER\")`). transformers' own GPTQ loader (optimum) ignores the overrides, and "
+               "vLLM's fused q/k/v and gate/up layers do not match per-projection overrides: for those, use llmq's "
+               "compressed-tensors export of the same checkpoint.".replace("FOLDER", "path/to/this/folder")]
     report = _saved_report(report_path)
     if report is not None:
         try:

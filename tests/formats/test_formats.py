@@ -374,6 +374,7 @@ def test_gptqmodel_reads_per_layer_schemes_from_dynamic(checkpoints, tmp_path, n
     src = checkpoints[name]
     done = formats.export_checkpoint(src, tmp_path / "gptq", "gptq", 2)
     assert " schemes)" in done.format and any("GPTQModel" in n and "optimum" in n for n in done.notes)
+    assert not any("vLLM fuses" in n for n in done.notes)  # both keep q/k/v and gate/up in one scheme
     model = GPTQModel.load(str(tmp_path / "gptq"), device="cpu")
     kinds = {type(m).__name__ for m in model.model.modules()}
     assert "Linear" in kinds and len(kinds & {"TorchLinear", "TorchCpuAvx512Linear", "TorchFusedLinear"}) >= 1
@@ -583,8 +584,10 @@ def test_gptq_dynamic_and_compressed_tensors_groups_give_each_layer_its_scheme()
           "dynamic": {r"-:.*layers\.1\..*": {}, r"+:.*down_proj": {"bits": 8, "group_size": -1}, r".*up_proj": {"sym": False}}}
     assert formats.gptq.dynamic_schemes(qc, layers) == {
         "model.layers.0.mlp.down_proj": Scheme(8, None, True), "model.layers.0.mlp.up_proj": Scheme(4, 128, False)}
-    with pytest.raises(BadInputError, match="llmq reads bits, group_size, sym and desc_act"):
-        formats.gptq.dynamic_schemes({**qc, "dynamic": {".*": {"quant_method": "awq"}}}, layers)
+    with pytest.raises(BadInputError, match="expected a mapping of overrides"):
+        formats.gptq.dynamic_schemes({**qc, "dynamic": {".*": 4}}, layers)
+    assert formats.gptq.dynamic_schemes({**qc, "dynamic": {".*": {"damp_percent": 0.1}}}, layers[:1]) == {
+        layers[0]: Scheme(4, 128, True)}  # keys that do not change the stored format are ignored
 
     def group(targets, bits):
         return {"targets": targets, "weights": {"num_bits": bits, "strategy": "group", "group_size": 32, "symmetric": True}}
@@ -596,3 +599,14 @@ def test_gptq_dynamic_and_compressed_tensors_groups_give_each_layer_its_scheme()
         ct.layer_schemes(qc, layers)
     with pytest.raises(LlmqError, match="no config group targets it"):
         ct.layer_schemes({"config_groups": {"c": group([layers[2]], 2)}}, layers)
+
+
+def test_exports_say_when_projections_vllm_fuses_differ_in_scheme():
+    from llmq.formats import _split_fused
+
+    a, b = Scheme(4, 32, True), Scheme(8, None, True)
+    attn = {f"model.layers.0.self_attn.{p}_proj": a for p in "qkvo"}
+    assert _split_fused(attn) is None
+    assert _split_fused({**attn, "model.layers.0.self_attn.o_proj": b}) is None  # o_proj is not fused
+    assert _split_fused({**attn, "model.layers.0.self_attn.v_proj": b}) == "model.layers.0.self_attn.q_proj/k_proj/v_proj have different schemes"
+    assert _split_fused({"m.mlp.gate_proj": a, "m.mlp.up_proj": b}) == "m.mlp.gate_proj/up_proj have different schemes"

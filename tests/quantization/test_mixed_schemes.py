@@ -68,7 +68,7 @@ def test_override_errors_that_need_the_model(tiny_recipe):
     with pytest.raises(BadInputError, match=r"overrides\[0\].targets .* match no targeted Linear layer"):
         llmq.validate(tiny_recipe)
     tiny_recipe["overrides"] = [{"targets": [".*down_proj"], "group_size": 48}]  # in_features 128
-    with pytest.raises(BadInputError, match="the override's group_size: 48 does not divide in_features 128 of model.layers.0.mlp.down_proj"):
+    with pytest.raises(BadInputError, match=r"overrides\[0\].group_size: 48 does not divide in_features 128 of model.layers.0.mlp.down_proj"):
         llmq.validate(tiny_recipe)
     tiny_recipe["overrides"] = [{"targets": [".*"], "skip": True}]
     with pytest.raises(BadInputError, match="skip every targeted layer"):
@@ -115,6 +115,13 @@ def test_mixed_checkpoint_saves_reloads_identically(tiny_recipe, tmp_path, metho
         assert torch.equal(reloaded(x).logits, model(x).logits)
 
 
+def test_in_memory_api_refuses_a_budget(tiny_recipe):
+    model = AutoModelForCausalLM.from_pretrained(tiny_recipe["model"], dtype=torch.float32)
+    recipe = llmq.Recipe.from_dict({**tiny_recipe, "scheme": {"budget": {"bits_per_weight": 4}}})
+    with pytest.raises(BadInputError, match="scheme.budget: the in-memory API takes schemes as given"):
+        llmq.quantize(model, recipe)
+
+
 def test_in_memory_mixed_model_saves_and_reloads(tiny_recipe, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_recipe["model"], dtype=torch.float32).eval()
     recipe = llmq.Recipe.from_dict({**tiny_recipe, "overrides": OVERRIDES})
@@ -143,6 +150,24 @@ def test_solver_matches_brute_force_and_never_exceeds():
         assert sum(scores[i][c] for i, c in enumerate(picks)) == pytest.approx(best, abs=1e-12)
 
 
+def test_solver_never_offers_a_candidate_that_does_not_fit():
+    rng = random.Random(2)
+    for _ in range(200):
+        n, k = rng.randint(1, 4), rng.randint(2, 4)
+        sizes = [[rng.randint(1, 30) if rng.random() > 0.3 else None for _ in range(k)] for _ in range(n)]
+        for s in sizes:
+            s[rng.randrange(k)] = s[rng.randrange(k)] or rng.randint(1, 30)  # at least one fits each layer
+        scores = [[rng.random() for _ in range(k)] for _ in range(n)]
+        least = sum(min(b for b in s if b is not None) for s in sizes)
+        cap = rng.randint(least, least + 40)
+        picks = budget.solve(sizes, scores, cap)
+        assert all(sizes[i][c] is not None for i, c in enumerate(picks))
+        options = [[c for c in range(k) if sizes[i][c] is not None] for i in range(n)]
+        best = min(sum(scores[i][c] for i, c in enumerate(a)) for a in itertools.product(*options)
+                   if sum(sizes[i][c] for i, c in enumerate(a)) <= cap)
+        assert sum(scores[i][c] for i, c in enumerate(picks)) == pytest.approx(best, abs=1e-12)
+
+
 def test_solver_rounds_sizes_up_on_large_budgets():
     rng = random.Random(1)
     sizes = [[rng.randint(10**6, 10**7) for _ in range(3)] for _ in range(50)]
@@ -152,19 +177,35 @@ def test_solver_rounds_sizes_up_on_large_budgets():
     assert sum(sizes[i][c] for i, c in enumerate(picks)) <= cap
 
 
+def test_solver_says_when_rounding_leaves_no_room():
+    sizes = [[10**6 - 5]] * 10  # 10^7 - 50 bits in all: fits a budget of exactly that ...
+    cap = sum(s[0] for s in sizes)  # ... cut into units of 50 bits, each layer rounds up to 20000 units: 1 too many
+    with pytest.raises(BadInputError, match="once each layer's size is rounded up"):
+        budget.solve(sizes, [[1.0]] * 10, cap)
+
+
 def test_solver_with_one_candidate_is_uniform_and_refuses_too_small():
     assert budget.solve([[5], [7], [3]], [[1.0], [2.0], [3.0]], 15) == [0, 0, 0]
     with pytest.raises(BadInputError, match="below the smallest assignment"):
         budget.solve([[5], [7], [3]], [[1.0], [2.0], [3.0]], 14)
 
 
-def test_stored_bits_are_the_bytes_on_disk(tiny_recipe):
-    out = llmq.run({**tiny_recipe, "overrides": OVERRIDES, "eval": None}).output_dir
+@pytest.mark.parametrize("act_order, dtype", [(False, "float32"), (True, "float16")])
+def test_stored_bits_are_the_bytes_on_disk(tiny_recipe, tmp_path, act_order, dtype):
+    from llmq.checkpoint.safetensors_io import tensor_bytes
+
+    recipe = {**tiny_recipe, "overrides": OVERRIDES, "eval": None, "output": {**tiny_recipe["output"], "dtype": dtype}}
+    if act_order:  # g_idx on disk for every layer
+        recipe.update(method={"name": "gptq", "act_order": True},
+                      calibration={"data": _calibration(tmp_path), "n_samples": 2, "seqlen": 32, "batch_size": 2})
+    out = llmq.run(recipe).output_dir
+    sizes = tensor_bytes(out)
+    assert any(k.endswith(".g_idx") for k in sizes) == act_order
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     for name, m in reloaded.named_modules():
         if isinstance(m, QuantLinear):
-            on_disk = sum(t.numel() * t.element_size() * 8 for t in (m.qweight, m.scales, m.qzeros))
-            assert stored_bits(m.out_features, m.in_features, m.scheme, m.scales.dtype, False) == on_disk, name
+            on_disk = 8 * sum(sizes.get(f"{name}.{leaf}", 0) for leaf in ("qweight", "scales", "qzeros", "g_idx"))
+            assert stored_bits(m.out_features, m.in_features, m.scheme, getattr(torch, dtype), act_order) == on_disk, name
 
 
 # ------------------------------------------------------------------------------------------- budgets end to end
@@ -193,7 +234,7 @@ def test_budget_run_meets_bits_per_weight_and_resumes_byte_identically(tiny_reci
     resumed = llmq.run(recipe)
     assert resumed.report["quantization"]["resumed_at_block"] == 1
     record = resumed.report["quantization"]["budget"]
-    assert record["sensitivity"]["cached"]  # the second run reused the measurement
+    assert record["sensitivity"]["cached"] is None  # the resume took the choice the killed run kept, as it was made
     bits, weights = _bits_of(resumed.output_dir)
     assert bits == record["used_bits"] <= record["budget_bits"] == int(4.2 * weights)
     assert len(set(record["layers"].values())) > 1  # it mixed
@@ -203,6 +244,25 @@ def test_budget_run_meets_bits_per_weight_and_resumes_byte_identically(tiny_reci
     saved = llmq.Recipe.from_yaml(resumed.output_dir / "recipe.yaml")  # the resolved recipe: no budget, all layers named
     assert saved.scheme.budget is None and len(saved.overrides) == 14
     assert fresh.report["quantization"]["budget"]["layers"] == record["layers"]
+    assert fresh.report["quantization"]["budget"]["sensitivity"]["cached"]  # a new run reuses the measurement
+    assert not list(resumed.output_dir.glob("llmq-*"))  # no resume files in the checkpoint
+    for group in (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]):
+        for block in range(2):  # tied by default: layers reading one input share a scheme (vLLM fuses them)
+            assert len({record["layers"][f"model.layers.{block}.{n}"] for n in group}) == 1
+    card = (resumed.output_dir / "README.md").read_text()
+    assert "mixed-precision (default 3-bit)" in card and "## Per-layer schemes" in card and record["used"] in card
+    from llmq.evaluation.checkpoint_info import describe_checkpoint
+
+    info = describe_checkpoint(str(resumed.output_dir), resumed.output_dir)
+    assert info["scheme"].startswith("mixed") and info["bits"] == pytest.approx(bits / weights, abs=1e-3)
+
+
+def test_untied_budget_and_the_units_it_solves_for():
+    free = [f"m.layers.{i}.{n}" for i in range(2) for n in ("q", "k", "v", "o", "up", "down")]
+    tied = budget.units(free, "m.layers", [["q", "k", "v"], ["o"], ["up"], ["down"]], tie=True)
+    assert tied[0] == ["m.layers.0.q", "m.layers.0.k", "m.layers.0.v"] and len(tied) == 8
+    assert budget.units(free, "m.layers", [["q", "k", "v"]], tie=False) == [[n] for n in free]
+    assert budget.units(["lm_head", "m.layers.0.q"], "m.layers", [["q"]], tie=True) == [["lm_head"], ["m.layers.0.q"]]
 
 
 def test_size_budget_counts_the_whole_checkpoint(tiny_recipe, tmp_path, monkeypatch):
