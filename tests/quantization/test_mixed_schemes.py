@@ -311,3 +311,37 @@ def test_sensitivity_orders_candidates_and_layers(tiny_model_dir, tmp_path, monk
         block.mlp.down_proj.weight.data = dequantize(quantize_weight(w, cands[0], recipe.method, torch.float32), cands[0])
         err = sum(float((o - r).double().pow(2).sum()) for o, r in zip(inputs.outputs(block), ref)) / (2 * 32)
     assert scores["model.layers.1.mlp.down_proj"][0] == pytest.approx(err, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["whole-model", "blockwise"])
+def test_qat_trains_each_layer_in_its_own_scheme(tiny_model_dir, tmp_path, mode):
+    """QAT (whole model and block-wise) with overrides: each FakeQuantLinear trains in its layer's scheme, and the
+    converted model saves and reloads with exactly the in-memory logits."""
+    method = {"name": "qat", "init": "rtn"} if mode == "whole-model" else {"name": "qat", "mode": "blockwise", "block_epochs": 1}
+    recipe = llmq.Recipe.from_dict({
+        "model": str(tiny_model_dir), "method": method, "scheme": {"bits": 4, "group_size": 32}, "eval": None,
+        "overrides": OVERRIDES, "calibration": {"n_samples": 4, "seqlen": 32, "batch_size": 2},
+        **({"training": {"seqlen": 32, "batch_size": 4, "micro_batch_size": 2, "budget": {"steps": 2}, "lr": 1e-3}}
+           if mode == "whole-model" else {}),
+    })
+    windows = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(3))
+    from llmq.quantization import blockwise, qat
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    if mode == "whole-model":
+        qweights = qat.quantize_model(plain, recipe, torch.float32, windows, windows[:4]).qweights
+    else:
+        qweights = blockwise.quantize_model(plain, recipe, torch.float32, windows[:4])[0]
+    expected = layer_schemes(recipe, list(qweights))
+    for name, qw in qweights.items():  # the trained codes span their own layer's grid, no wider
+        assert int(qw.q.max()) <= expected[name].maxq and int(qw.q.max()) >= expected[name].maxq // 2, name
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    llmq.quantize(model, recipe, calibration=windows[:4], training=windows)
+    schemes = {n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert schemes["model.layers.1.self_attn.v_proj"] == Scheme(2, 32, False)
+    assert schemes["model.layers.0.mlp.down_proj"] == Scheme(8, None, False) and len(schemes) == 13
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad(), exact_dense(reloaded), exact_dense(model):
+        assert torch.equal(reloaded(x).logits, model(x).logits)
