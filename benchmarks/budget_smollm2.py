@@ -35,17 +35,23 @@ def recipe(name: str, bits: int, out: Path, budget: dict | None = None, baseline
     return r
 
 
-def run(r: dict) -> dict:
+def run(r: dict, reuse: bool) -> dict:
+    """One row: llmq run (or, with reuse, the report.json a finished run of the same name left)."""
     t = time.perf_counter()
-    result = llmq.run(r, overwrite=True)
-    folder = result.output_dir
-    q = result.report["quantization"]
-    row = {"name": r["name"], "ppl": result.metrics["quantized"]["ppl"],
+    folder = Path(r["output"]["dir"])
+    if reuse and (folder / "report.json").is_file():
+        report = json.loads((folder / "report.json").read_text())
+        metrics, timings = report["metrics"], report["timings"]
+    else:
+        result = llmq.run(r, overwrite=True)
+        report, metrics, timings = result.report, result.metrics, result.timings
+    q = report["quantization"]
+    row = {"name": r["name"], "ppl": metrics["quantized"]["ppl"],
            "bits_per_weight": stored_bits_per_weight(folder), "size_mb": weights_bytes(folder) / 1e6,
-           "quantize_s": result.timings["quantize_s"], "budget_s": result.timings.get("budget_s"),
+           "quantize_s": timings["quantize_s"], "budget_s": timings.get("budget_s"),
            "wall_s": time.perf_counter() - t}
-    if "base" in result.metrics:
-        row["base_ppl"] = result.metrics["base"]["ppl"]
+    if "base" in metrics:
+        row["base_ppl"] = metrics["base"]["ppl"]
     if "budget" in q:
         b = q["budget"]
         row.update(budget=b["budget"], allowed=b["allowed"], used=b["used"], counts=b["counts"],
@@ -59,17 +65,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(HERE / "results" / "budget_smollm2"))
     ap.add_argument("--keep", default="out/budget-bench", help="where the checkpoints go")
+    ap.add_argument("--reuse", action="store_true", help="take rows whose checkpoint (with report.json) is in --keep")
     args = ap.parse_args()
     keep = Path(args.keep)
-    rows = [run(recipe("uniform-w3g64", 3, keep, baseline=True)), run(recipe("uniform-w4g64", 4, keep))]
+
+    def run_row(*a, **k) -> dict:
+        return run(recipe(*a, **k), args.reuse)
+
+    rows = [run_row("uniform-w3g64", 3, keep, baseline=True), run_row("uniform-w4g64", 4, keep)]
     w3, w4 = rows[0], rows[1]
-    rows.append(run(recipe("budget-w3g64-bpw", 3, keep, {"bits_per_weight": w3["bits_per_weight"]})))
-    rows.append(run(recipe("budget-w4g64-bpw", 4, keep, {"bits_per_weight": w4["bits_per_weight"]})))
-    rows.append(run(recipe("budget-w3g64-bpw-untied", 3, keep,
-                           {"bits_per_weight": w3["bits_per_weight"], "tie_shared_inputs": False})))
+    rows.append(run_row("budget-w3g64-bpw", 3, keep, {"bits_per_weight": w3["bits_per_weight"]}))
+    rows.append(run_row("budget-w4g64-bpw", 4, keep, {"bits_per_weight": w4["bits_per_weight"]}))
+    rows.append(run_row("budget-w3g64-bpw-untied", 3, keep,
+                        {"bits_per_weight": w3["bits_per_weight"], "tie_shared_inputs": False}))
     # whole-checkpoint sizes: unquantized tensors (the tied 49k x 576 embedding) and scales in fp16
-    rows.append(run(recipe("uniform-w4g64-fp16", 4, keep, dtype="float16")))
-    rows.append(run(recipe("budget-100mb-fp16", 4, keep, {"size_mb": 100}, dtype="float16")))
+    rows.append(run_row("uniform-w4g64-fp16", 4, keep, dtype="float16"))
+    rows.append(run_row("budget-100mb-fp16", 4, keep, {"size_mb": 100}, dtype="float16"))
     gap = w3["ppl"] - w4["ppl"]
     for r in rows[2:5]:
         ref = w3 if "w3" in r["name"] else w4

@@ -67,6 +67,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "out" / "leaderboard"))
     p.add_argument("--full", default="leaderboard-cpu", help="the suite for the base and the best 4-bit row")
     p.add_argument("--skip-full", action="store_true")
+    p.add_argument("--only", nargs="+", metavar="ROW", help="run the quick suite on these rows only (the others' results "
+                   "stay in the store), redraw the quick tables, and stop")
     args = p.parse_args()
     from llmq.evaluation import suite as suites
     from llmq.evaluation.store import ResultsStore
@@ -74,7 +76,14 @@ def main() -> None:
     from llmq.reporting import leaderboard
 
     store, out = ResultsStore(args.store), Path(args.out)
-    rows = {BASE: BASE, **{name: str(quantized(name, out)) for name in RECIPES}, "bnb-nf4": str(nf4(out))}
+    if args.only:
+        unknown = sorted(set(args.only) - set(RECIPES))
+        if unknown:
+            p.error(f"--only: {unknown[0]} is not a row (rows: {', '.join(RECIPES)})")
+        rows = {name: str(quantized(name, out)) for name in args.only}
+        args.skip_full = True
+    else:
+        rows = {BASE: BASE, **{name: str(quantized(name, out)) for name in RECIPES}, "bnb-nf4": str(nf4(out))}
     quick = suites.load("quick")
     runs = {}
     for name, spec in rows.items():
