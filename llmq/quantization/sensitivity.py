@@ -38,7 +38,7 @@ from ..checkpoint.safetensors_io import CheckpointReader, files_stamp
 from ..environment import cache_dir
 from ..errors import LlmqError
 from ..io import write_json_atomic
-from ..methods.gptq import Hessian
+from ..methods.gptq import Hessian, inverse_factor
 from ..methods.rtn import quantize_weight
 from ..model.structure import decoder_blocks
 from ..numerics import Scheme
@@ -46,7 +46,7 @@ from ..recipe import Recipe
 from .blockwise import unique_state_keys
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 GAIN_WINDOWS = 2  # windows the gains are measured on (one block forward per layer each): a ratio needs few tokens
 
 
@@ -61,6 +61,18 @@ def relative_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -
     return num / den
 
 
+def gptq_column_weights(H: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """1 / d_j² per input column, d = the diagonal of the upper Cholesky factor of GPTQ's damped inverse Hessian:
+    GPTQ's loss is Σ (w - q)² / d_j² over the columns it rounds, each column's rounding error compensated by the
+    columns after it. With the RTN error in place of GPTQ's (same grid, same spread) this predicts the layer error
+    GPTQ leaves, which for layers with correlated inputs is far below the RTN error tr(ΔW H ΔWᵀ)."""
+    H = H.clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    U, _ = inverse_factor(H, recipe.method.damp)
+    return U.diagonal().pow(-2)
+
+
 def cache_key(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[Scheme], layers: list[str]) -> str:
     m = recipe.method
     parts = {
@@ -69,6 +81,7 @@ def cache_key(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list
         "batch_size": recipe.calibration.batch_size,
         "candidates": [[c.bits, c.group_size, c.symmetric] for c in cands],
         "clip": [m.clip, m.clip_grid, m.clip_max_shrink, m.clip_norm], "scale_dtype": recipe.output.dtype,
+        "gptq": [m.init_method == "gptq", m.damp],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -120,6 +133,7 @@ def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[
     model.to("meta")
     scores: dict[str, list[float | None]] = {}
     clusters: list[list[str]] = []
+    gptq = recipe.method.init_method == "gptq"
     for i, block in enumerate(tqdm(blocks, desc="sensitivity", unit="block", leave=False)):
         names = [n for n, m in block.named_modules() if f"{prefix}.{i}.{n}" in wanted]
         reader.materialize(block, f"{prefix}.{i}.", unique_state_keys(block), device)
@@ -132,16 +146,19 @@ def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[
             layer = block.get_submodule(n)
             w = layer.weight.data.clone()
             fit = [c for c in range(len(cands)) if cands[c].group_size is None or w.shape[1] % cands[c].group_size == 0]
-            predicted: list[float | None] = [None] * len(cands)  # None: the candidate does not fit the layer
+            coarsest = max(fit, key=lambda c: (-cands[c].bits, cands[c].group_size or 1 << 30))
+            rtn_error: list[float | None] = [None] * len(cands)  # None: the candidate does not fit the layer
+            predicted: list[float | None] = [None] * len(cands)
+            column_weight = gptq_column_weights(hessians[n].H, recipe) if gptq else None
             for c in fit:
                 dw = numerics.dequantize(quantize_weight(w, cands[c], recipe.method, scale_dtype), cands[c]) - w
-                predicted[c] = float(((dw @ hessians[n].H) * dw).sum())
-            coarsest = max(fit, key=lambda c: (-cands[c].bits, cands[c].group_size or 1 << 30))
+                rtn_error[c] = float(((dw @ hessians[n].H) * dw).sum())
+                predicted[c] = rtn_error[c] if column_weight is None else float((dw.pow(2) * column_weight).sum())
             layer.weight.data = numerics.dequantize(quantize_weight(w, cands[coarsest], recipe.method, scale_dtype),
                                                     cands[coarsest])
             measured = relative_error(probe.outputs(block), reference)
             layer.weight.data = w
-            gain = measured / predicted[coarsest] if predicted[coarsest] > 0 else 0.0
+            gain = measured / rtn_error[coarsest] if rtn_error[coarsest] > 0 else 0.0  # measured with RTN weights
             scores[f"{prefix}.{i}.{n}"] = [None if e is None else gain * e for e in predicted]
         del hessians, reference
         if i + 1 < len(blocks):
