@@ -1,7 +1,8 @@
 """Mixed precision to a budget on SmolLM2-135M: uniform GPTQ W3g64 and W4g64 next to GPTQ models whose per-layer
 schemes were chosen to the same bits per weight (scheme.budget), and to a whole-checkpoint size; all in one process,
 one after another, on the same calibration and the perplexity protocol (wiki 16 x 2048, fp32). Budget rows tie the
-layers that read one input (q/k/v, gate/up: vLLM fuses them) unless named -untied.
+layers that read one input (q/k/v, gate/up: vLLM fuses them); -fp16 rows store scales and unquantized tensors in
+fp16 (output.dtype), the others in fp32 like the uniform rows.
 
     python benchmarks/budget_smollm2.py [--out benchmarks/results/budget_smollm2] [--keep out/budget-bench]
 
@@ -16,9 +17,13 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 import llmq
+from llmq import data, loading
 from llmq.checkpoint.safetensors_io import weights_bytes
 from llmq.evaluation.checkpoint_info import stored_bits_per_weight
+from llmq.evaluation.perplexity import perplexity
 
 HERE = Path(__file__).parent
 CANDIDATES = ["W2g64", "W3g64", "W3g128", "W4g64", "W4g128", "W8g128"]
@@ -31,8 +36,15 @@ def recipe(name: str, bits: int, out: Path, budget: dict | None = None, baseline
     r["scheme"] = {"bits": bits, "group_size": 64, "symmetric": False}
     if budget is not None:
         r["scheme"]["budget"] = {"candidates": CANDIDATES, **budget}
-    r["eval"] = {**r["eval"], "baseline": baseline}
+    # fp16 checkpoints are evaluated in fp32 by this script (the protocol's dtype), not as llmq run would (as saved)
+    r["eval"] = {**r["eval"], "baseline": baseline} if dtype == "float32" else None
     return r
+
+
+def fp32_perplexity(folder: Path) -> float:
+    tok = loading.load_tokenizer(folder)
+    windows = data.eval_windows(data.tokenize_corpus(tok, data.load_text("wiki")), 2048, 16)
+    return perplexity(loading.load_model(folder, dtype=torch.float32), windows, "wiki").ppl
 
 
 def run(r: dict, reuse: bool) -> dict:
@@ -46,7 +58,8 @@ def run(r: dict, reuse: bool) -> dict:
         result = llmq.run(r, overwrite=True)
         report, metrics, timings = result.report, result.metrics, result.timings
     q = report["quantization"]
-    row = {"name": r["name"], "ppl": metrics["quantized"]["ppl"],
+    ppl = metrics["quantized"]["ppl"] if r["eval"] is not None else fp32_perplexity(folder)
+    row = {"name": r["name"], "ppl": ppl,
            "bits_per_weight": stored_bits_per_weight(folder), "size_mb": weights_bytes(folder) / 1e6,
            "quantize_s": timings["quantize_s"], "budget_s": timings.get("budget_s"),
            "wall_s": time.perf_counter() - t}
@@ -74,10 +87,11 @@ def main() -> None:
 
     rows = [run_row("uniform-w3g64", 3, keep, baseline=True), run_row("uniform-w4g64", 4, keep)]
     w3, w4 = rows[0], rows[1]
+    # the same storage (fp32 scales) as the uniform rows: what choosing schemes per layer buys on its own
     rows.append(run_row("budget-w3g64-bpw", 3, keep, {"bits_per_weight": w3["bits_per_weight"]}))
-    rows.append(run_row("budget-w4g64-bpw", 4, keep, {"bits_per_weight": w4["bits_per_weight"]}))
-    rows.append(run_row("budget-w3g64-bpw-untied", 3, keep,
-                        {"bits_per_weight": w3["bits_per_weight"], "tie_shared_inputs": False}))
+    # the same bits per weight, stored with fp16 scales (output.dtype): the scale bits saved go to the codes
+    rows.append(run_row("budget-w3g64-bpw-fp16", 3, keep, {"bits_per_weight": w3["bits_per_weight"]}, dtype="float16"))
+    rows.append(run_row("budget-w4g64-bpw-fp16", 4, keep, {"bits_per_weight": w4["bits_per_weight"]}, dtype="float16"))
     # whole-checkpoint sizes: unquantized tensors (the tied 49k x 576 embedding) and scales in fp16
     rows.append(run_row("uniform-w4g64-fp16", 4, keep, dtype="float16"))
     rows.append(run_row("budget-100mb-fp16", 4, keep, {"size_mb": 100}, dtype="float16"))
@@ -91,8 +105,11 @@ def main() -> None:
     lines = ["# Mixed precision to a budget on SmolLM2-135M", "",
              "GPTQ (recipes/gptq-w3g64.yaml settings: act order + static groups, MSE clipping, 64 x 512 lambada), wiki "
              "perplexity per the protocol (16 x 2048, fp32), all runs in one process on this project's 2-core CPU. "
-             "Budget runs choose each layer's scheme among " + ", ".join(CANDIDATES) + " (fp32 scales, as the uniform "
-             "runs store them). Command: `python benchmarks/budget_smollm2.py`.", "",
+             "Budget runs choose each layer's scheme among " + ", ".join(CANDIDATES) + "; -fp16 rows store scales and "
+             "unquantized tensors in fp16, the others in fp32 like the uniform rows. Bits per weight are counted over "
+             "the quantized Linear layers as stored (codes, scales, zero points). "
+             "Command: `python benchmarks/budget_smollm2.py --reuse` (rows whose checkpoint is already in "
+             "out/budget-bench are read from their report.json).", "",
              f"Base model perplexity: {w3['base_ppl']:.3f}.", "",
              "| model | bits / weight (stored) | checkpoint MB | wiki ppl | vs uniform | gap W3→W4 closed | schemes | sensitivity s | quantize s |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -70,6 +70,9 @@ def main() -> None:
     p.add_argument("--only", nargs="+", metavar="ROW", help="run the quick suite on these rows only (the others' results "
                    "stay in the store), redraw the quick tables, and stop")
     args = p.parse_args()
+    import torch
+
+    from llmq import loading
     from llmq.evaluation import suite as suites
     from llmq.evaluation.store import ResultsStore
     from llmq.evaluation.suite_run import evaluate_suite
@@ -88,7 +91,10 @@ def main() -> None:
     runs = {}
     for name, spec in rows.items():
         t = time.perf_counter()
-        runs[name] = evaluate_suite(spec, quick, store, name=name, base=None if name == BASE else BASE)
+        # every row runs in fp32, as the base does (a checkpoint stored in fp16 would otherwise run in fp16)
+        model = None if name in (BASE, "bnb-nf4") else loading.load_model(spec, dtype=torch.float32)
+        runs[name] = evaluate_suite(spec, quick, store, name=name, base=None if name == BASE else BASE, model=model,
+                                    tokenizer=None if model is None else loading.load_tokenizer(spec))
         print(f"== {name}: quick suite {time.perf_counter() - t:.0f} s wall ({len(runs[name].served)} results from the store)")
     leaderboard.build(store.path, "quick", ROOT / "benchmarks" / "leaderboard" / "quick")
     if args.skip_full:

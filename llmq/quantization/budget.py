@@ -149,6 +149,7 @@ def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], 
     else:
         budget_bits = math.floor(b.size_mb * 8e6)
         fixed_bits += _other_tensor_bits(model, set(schemes), scale_dtype)  # skipped layers' weights included
+        fixed_bits += _header_bits(model, set(schemes), has_g_idx)
         unit = "MB"
     plan = BudgetPlan(free, shapes, sizes, fixed_bits, budget_bits, unit)
     least = fixed_bits + sum(_smallest(s) for s in sizes.values())
@@ -157,6 +158,21 @@ def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], 
         raise BadInputError(f"scheme.budget.{what} is below the smallest model the candidates allow "
                             f"({plan.describe(least)}); raise the budget or add smaller candidates")
     return plan
+
+
+def _header_bits(model: nn.Module, quantized: set[str], has_g_idx: bool) -> int:
+    """An upper bound on the safetensors headers of an llmq checkpoint of `model`: per tensor its JSON entry (name,
+    dtype, shape, offsets: under len(name) + 96 bytes), per shard (one per decoder block and one for the rest) the
+    length prefix and metadata, so a size_mb budget holds for the files on disk."""
+    names = []
+    for name in dict.fromkeys(model.state_dict(keep_vars=True)):
+        layer, _, leaf = name.rpartition(".")
+        if layer in quantized and leaf == "weight":
+            names += [f"{layer}.{k}" for k in ("qweight", "scales", "qzeros", *(("g_idx",) if has_g_idx else ()))]
+        else:
+            names.append(name)
+    shards = len(decoder_blocks(model)[1]) + 1
+    return 8 * (sum(len(n) + 96 for n in names) + 128 * shards)
 
 
 def _other_tensor_bits(model: nn.Module, quantized: set[str], dtype: torch.dtype) -> int:

@@ -274,8 +274,9 @@ def test_size_budget_counts_the_whole_checkpoint(tiny_recipe, tmp_path, monkeypa
     for f in small.output_dir.glob("*.safetensors"):
         with safe_open(f, "pt") as fh:
             tensor_bytes += sum(fh.get_tensor(k).numel() * fh.get_tensor(k).element_size() for k in fh.keys())
-    assert tensor_bytes * 8 == small.report["quantization"]["budget"]["used_bits"] <= 0.12 * 8e6
-    assert weights_bytes(small.output_dir) > tensor_bytes  # headers come on top (README: size_mb counts tensors)
+    used = small.report["quantization"]["budget"]["used_bits"]
+    assert tensor_bytes * 8 < used <= 0.12 * 8e6  # used: the tensors plus a bound on the headers
+    assert tensor_bytes < weights_bytes(small.output_dir) <= used / 8  # the files on disk fit the budget
     with pytest.raises(BadInputError, match=r"scheme.budget.size_mb: 0.01 is below the smallest model"):
         llmq.validate(_budget_recipe(tiny_recipe, tmp_path, size_mb=0.01))
 
