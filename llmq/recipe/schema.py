@@ -161,8 +161,8 @@ class LayerOverride(Strict):
 class SizeBudget(Strict):
     """`scheme.budget`: choose each targeted layer's scheme among `candidates` so that the measured sensitivity summed
     over the layers is least while the model fits the budget — exactly one of `bits_per_weight` (over the targeted
-    Linear layers, with scales, zero points and g_idx as llmq stores them) or `size_mb` (the whole checkpoint's
-    tensors, 10^6 bytes). Candidates default to 2, 3, 4 and 8 bits with the scheme's group size and symmetry.
+    Linear layers, with scales, zero points and g_idx as llmq stores them) or `size_mb` (the checkpoint's
+    safetensors files, 10^6 bytes: every tensor and a bound on the headers). Candidates default to 2, 3, 4 and 8 bits with the scheme's group size and symmetry.
     Sensitivity is measured on the first `sensitivity_samples` calibration windows (sensitivity.py). With
     `tie_shared_inputs` the layers of a block that read the same input (q/k/v, gate/up) are chosen together, as one:
     vLLM runs them as one fused matmul and needs them in one scheme."""
