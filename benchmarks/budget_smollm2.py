@@ -98,7 +98,8 @@ def main() -> None:
     gap = w3["ppl"] - w4["ppl"]
     for r in rows[2:5]:
         ref = w3 if "w3" in r["name"] else w4
-        r["gap_closed_vs_uniform_w3_to_w4"] = (w3["ppl"] - r["ppl"]) / gap
+        if ref is w3:
+            r["gap_closed_vs_uniform_w3_to_w4"] = (w3["ppl"] - r["ppl"]) / gap
         r["ppl_vs_uniform"] = r["ppl"] / ref["ppl"] - 1
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
