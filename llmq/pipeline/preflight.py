@@ -15,7 +15,6 @@ from ..methods import needs_calibration
 from ..model.resolve import resolve
 from ..model.structure import skeleton, targeted_linears
 from ..quantization import budget
-from ..quantization.blockwise import stores_g_idx
 from ..recipe import BNB_FORMATS, Recipe, check_against_layers
 
 
@@ -40,8 +39,7 @@ def check_model_shapes(recipe: Recipe, folder: Path) -> dict[str, int]:
     layers = {n: m.in_features for n, m in linears.items()}
     schemes = check_against_layers(recipe, layers)
     if recipe.scheme.budget is not None:  # a budget no candidate assignment can meet fails here
-        has_g_idx = stores_g_idx(recipe, [*schemes.values(), *budget.candidates(recipe)])
-        budget.plan_budget(recipe, model, linears, schemes, DTYPES[recipe.output.dtype], has_g_idx)
+        budget.plan_budget(recipe, model, linears, schemes, DTYPES[recipe.output.dtype])
     return {n: layers[n] for n in schemes}
 
 

@@ -198,6 +198,19 @@ def _finish_block(work: Path, shard: str, tensors: dict, activations: list | Non
     _write_json_atomic(progress, work / PROGRESS)
 
 
+def meta_model(base_dir: Path) -> tuple[Any, nn.Module]:
+    """(config, model) of the checkpoint in `base_dir`, built with parameters on the meta device (computed buffers
+    such as rotary inv_freq stay real), tied weights tied: the skeleton a walk from disk materializes part by part."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.tie_weights()  # init_empty_weights leaves tied embeddings as two meta tensors
+    return config, model
+
+
 def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
@@ -252,13 +265,7 @@ class _DiskWalk:
     @classmethod
     def start(cls, recipe: Recipe, base_dir: Path, work: Path, scale_dtype: torch.dtype, device: torch.device, key: str,
               log) -> _DiskWalk:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(base_dir)
-        with init_empty_weights():  # parameters on meta; computed buffers (rotary inv_freq) stay real
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        model.tie_weights()  # init_empty_weights leaves tied embeddings as two meta tensors
+        config, model = meta_model(base_dir)
         plan = _plan(model, recipe)
         reader = CheckpointReader(base_dir)
         done = blocks_done(work, key, len(plan.blocks))

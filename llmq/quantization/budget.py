@@ -116,12 +116,13 @@ class BudgetPlan:
 
 
 def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], schemes: dict[str, Scheme],
-                scale_dtype: torch.dtype, has_g_idx: bool) -> BudgetPlan:
+                scale_dtype: torch.dtype) -> BudgetPlan:
     """The bits the budget leaves for the layers it chooses. `model`: the model (a meta skeleton is enough), `layers`:
     every targeted Linear, `schemes`: the scheme of each quantized one (overrides applied). A budget that even the
     smallest candidates cannot meet is an error here, before any heavy work."""
     b = recipe.scheme.budget
     cands = candidates(recipe)
+    has_g_idx = stores_g_idx(recipe, [*schemes.values(), *cands])  # whether any choice could store g_idx
     fixed = {n for n in layers if any(matches(n, o.targets) for o in recipe.overrides)}
     free = [n for n in schemes if n not in fixed]
     prefix = decoder_blocks(model)[0] + "."
@@ -236,8 +237,7 @@ def choose(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, scale_dtyp
     model = skeleton(base_dir)
     layers = targeted_linears(model, recipe.targets, recipe.ignore)
     schemes = check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
-    has_g_idx = stores_g_idx(recipe, [*schemes.values(), *candidates(recipe)])
-    plan = plan_budget(recipe, model, layers, schemes, scale_dtype, has_g_idx)
+    plan = plan_budget(recipe, model, layers, schemes, scale_dtype)
     cands = candidates(recipe)
     scores, facts = sensitivity.measure(recipe, base_dir, calibration, cands, plan.free, scale_dtype, device)
     t = time.perf_counter()

@@ -43,7 +43,7 @@ from ..methods.rtn import quantize_weight
 from ..model.structure import decoder_blocks
 from ..numerics import Scheme
 from ..recipe import Recipe
-from .blockwise import unique_state_keys
+from .blockwise import meta_model, unique_state_keys
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 5
@@ -114,13 +114,7 @@ def measure(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, cands: li
 @torch.no_grad()
 def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[Scheme], wanted: set[str],
              scale_dtype: torch.dtype, device: torch.device) -> tuple[dict[str, list[float | None]], list[list[str]]]:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(base_dir)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    model.tie_weights()
+    _, model = meta_model(base_dir)
     prefix, blocks = decoder_blocks(model)
     outside = sorted(n for n in wanted if not n.startswith(prefix + "."))
     if outside:  # budget.plan_budget refuses these before any work
