@@ -22,9 +22,10 @@ from transformers.quantizers.auto import (
 
 from .. import kernels
 from ..errors import LlmqError
-from ..model.structure import targeted_linears
-from ..numerics import Scheme
-from .config import LAYER_KEYS, QUANT_METHOD, LlmqConfig
+from ..model.structure import input_embedding, targeted_linears
+from ..numerics import QWeight, Scheme
+from .config import LAYER_KEYS, QUANT_METHOD, EmbeddingPlan, LlmqConfig
+from .quant_embedding import replace_embedding
 from .quant_linear import QuantLinear, replace_linears
 
 
@@ -41,11 +42,17 @@ class LlmqHfQuantizer(HfQuantizer):
         if stray:
             raise LlmqError(f"quantization_config.layers names {stray[0]}, which its targets / ignore do not quantize: "
                             "a damaged or hand-edited config")
+        embedding = cfg.embedding_plan
+        if embedding is not None:
+            _check_embedding(model, embedding)
         if checkpoint_files:
-            check_checkpoint_keys([str(f) for f in checkpoint_files], names, cfg.g_idx)
+            check_checkpoint_keys([str(f) for f in checkpoint_files], names, cfg.g_idx,
+                                  embedding.name if embedding else None)
         # scales and bias follow the dtype the model is being built in (from_pretrained's `dtype`)
         scale_dtype = next(iter(layers.values())).weight.dtype if layers else torch.float32
         replace_linears(model, {n: cfg.scheme_for(n) for n in names}, names, scale_dtype, has_g_idx=cfg.g_idx)
+        if embedding is not None:
+            replace_embedding(model, embedding.name, embedding.scheme, scale_dtype, embedding.tied_head)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -79,21 +86,40 @@ def install_quantized(
     has_g_idx: bool = False,
     schemes: dict[str, Scheme] | None = None,
     skipped: list[str] = (),
+    embedding: EmbeddingPlan | None = None,
+    embedding_qweight: QWeight | None = None,
 ) -> None:
     """Make an in-memory model what `from_pretrained` builds from an llmq checkpoint: floating parameters cast to
     `dtype` (computed buffers such as rotary inv_freq stay fp32, as from_pretrained(dtype=...) leaves them), the
     layers named in `qweights` swapped for QuantLinear holding them, and the llmq quantization_config attached,
     so `save_pretrained` writes a checkpoint. Every method's in-memory result goes through here. `schemes`: each
-    layer's scheme where they differ (default: `scheme` for all); `skipped`: layers an override kept in full precision."""
+    layer's scheme where they differ (default: `scheme` for all); `skipped`: layers an override kept in full precision;
+    `embedding` with `embedding_qweight`: the token embedding quantized."""
     for param in model.parameters():
         param.data = param.data.to(dtype)
     model.config.dtype = dtype
     replace_linears(model, schemes or scheme, list(qweights), dtype, qweights, has_g_idx=has_g_idx)
-    model.config.quantization_config = LlmqConfig.from_scheme(scheme, targets, ignore, has_g_idx, schemes, skipped)
+    if embedding is not None:
+        replace_embedding(model, embedding.name, embedding.scheme, dtype, embedding.tied_head, embedding_qweight)
+    model.config.quantization_config = LlmqConfig.from_scheme(scheme, targets, ignore, has_g_idx, schemes, skipped,
+                                                              embedding)
 
 
-def check_checkpoint_keys(files: list[str], layer_names: list[str], has_g_idx: bool) -> None:
-    """Refuse checkpoint files that are unreadable or do not hold exactly the packed tensors of these layers."""
+def _check_embedding(model: torch.nn.Module, embedding: EmbeddingPlan) -> None:
+    """The config's embedding must be this model's token embedding, and its tied head the one the model ties."""
+    name, _ = input_embedding(model)
+    head = model.get_output_embeddings() if getattr(model.config, "tie_word_embeddings", False) else None
+    # the skeleton is not tied yet when this runs (transformers ties after loading): the config says whether it will be
+    tied = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if embedding.name != name or embedding.tied_head != tied:
+        raise LlmqError(f"quantization_config.embedding names {embedding.name} (tied head {embedding.tied_head}), but "
+                        f"this model's token embedding is {name} (tied head {tied}): a damaged or foreign config")
+
+
+def check_checkpoint_keys(files: list[str], layer_names: list[str], has_g_idx: bool,
+                          embedding: str | None = None) -> None:
+    """Refuse checkpoint files that are unreadable or do not hold exactly the packed tensors of these layers (and of
+    the quantized embedding, when there is one)."""
     keys: set[str] = set()
     for f in files:
         if not f.endswith(".safetensors"):
@@ -104,14 +130,14 @@ def check_checkpoint_keys(files: list[str], layer_names: list[str], has_g_idx: b
         except (SafetensorError, OSError, ValueError) as e:
             raise LlmqError(f"{f}: corrupt or truncated safetensors file ({e})") from None
     wanted = LAYER_KEYS + (("g_idx",) if has_g_idx else ())
-    for name in layer_names:
-        missing = [k for k in wanted if f"{name}.{k}" not in keys]
+    for name in [*layer_names, *([embedding] if embedding else [])]:
+        missing = [k for k in (LAYER_KEYS if name == embedding else wanted) if f"{name}.{k}" not in keys]
         if missing:
             raise LlmqError(f"checkpoint lacks {name}.{missing[0]}: not a complete llmq checkpoint (would load random weights)")
         if f"{name}.weight" in keys:
             raise LlmqError(f"checkpoint holds both {name}.weight and {name}.qweight: not an llmq checkpoint of this layout")
     quantized_in_file = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".qweight")}
-    unexpected = sorted(quantized_in_file - set(layer_names))
+    unexpected = sorted(quantized_in_file - set(layer_names) - {embedding})
     if unexpected:
         raise LlmqError(f"checkpoint has quantized layer {unexpected[0]} that its config does not target")
 

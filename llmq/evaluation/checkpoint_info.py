@@ -44,6 +44,9 @@ def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: 
                     scheme=scheme_words(qc.get("bits"), qc.get("group_size"), qc.get("sym"), short=True))
         if qc.get("layers"):  # per-layer schemes: the weight bits actually stored, on average
             info.update(bits=round(stored_bits_per_weight(folder), 3), scheme=f"mixed (default {info['scheme']})")
+        emb = qc.get("embedding")
+        if isinstance(emb, dict):  # bits stay the Linear layers'; the size column counts the smaller table
+            info["scheme"] += f", embedding {scheme_words(emb.get('bits'), emb.get('group_size'), emb.get('sym'), short=True)}"
     elif found.kind == "bitsandbytes":
         fmt = qc.get("bnb_4bit_quant_type", "nf4") if qc.get("load_in_4bit") else "int8"
         info.update(method="bitsandbytes", scheme=fmt, bits=4 if qc.get("load_in_4bit") else 8)

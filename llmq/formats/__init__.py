@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .. import describe
 from ..checkpoint.config import LlmqConfig
 from ..checkpoint.safetensors_io import CheckpointReader, files_stamp
 from ..environment import cache_dir, dtype_of_config
@@ -27,7 +28,7 @@ from ..model.structure import decoder_blocks, skeleton
 from ..numerics import Scheme
 from ..reporting.cards import export_card, import_card
 from . import compressed_tensors, gguf_export, gptq
-from .convert import ByLayer, convert, linear_shapes, quantized_layers, unquantized_linears
+from .convert import ByLayer, DenseEmbedding, LayerShape, convert, linear_shapes, quantized_layers, unquantized_linears
 from .detect import Detected, ct_weight_args, detect, read_config, unsupported_message
 from .native import LlmqCodec, imported_config, is_trivial_g_idx
 
@@ -76,7 +77,9 @@ def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_versio
     scheme = decoder.default
     model = skeleton(src)
     shapes = linear_shapes(model)
-    layers = quantized_layers(CheckpointReader(src), decoder, shapes)
+    dense_embedding = embedding_in_full_precision(cfg, model, dtype)
+    layers = quantized_layers(CheckpointReader(src), decoder, shapes,
+                              dense_embedding.layer.name if dense_embedding else None)
     schemes = {n: decoder.scheme_for(n) for n in layers}
     if format == "gptq":
         prefix, blocks = decoder_blocks(model)
@@ -94,6 +97,8 @@ def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_versio
         config = compressed_tensors.export_config(schemes, unquantized_linears(shapes, layers), scheme)
         label = "compressed-tensors pack-quantized"
     notes = []
+    if dense_embedding is not None:
+        notes.append(embedding_note(dense_embedding, label.split(" ")[0]))
     if encoder.mixed:
         label += f" ({len(set(schemes.values()))} schemes)"
         split = _split_fused(schemes)
@@ -107,8 +112,25 @@ def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_versio
                          "which per-projection overrides do not name: load this export with GPTQModel, or export as "
                          "compressed-tensors for transformers and vLLM")
     convert(src, dst, shapes, decoder, encoder, lambda _: config, card=lambda: export_card(src, label, config), overwrite=overwrite,
-            desc=f"exporting as {label}")
+            desc=f"exporting as {label}", dense_embedding=dense_embedding)
     return ConversionResult(found, dst, len(layers), label, tuple(notes))
+
+
+def embedding_in_full_precision(cfg: LlmqConfig, model: torch.nn.Module, dtype: torch.dtype) -> DenseEmbedding | None:
+    """How a checkpoint's quantized token embedding is read and written out dequantized (None: it has none)."""
+    plan = cfg.embedding_plan
+    if plan is None:
+        return None
+    table = model.get_submodule(plan.name)
+    layer = LayerShape(plan.name, table.embedding_dim, table.num_embeddings)
+    return DenseEmbedding(layer, LlmqCodec(plan.scheme), plan.scheme, dtype)
+
+
+def embedding_note(emb: DenseEmbedding, fmt: str) -> str:
+    bits = describe.scheme_words(emb.scheme.bits, emb.scheme.group_size, emb.scheme.symmetric, short=True)
+    size = emb.layer.in_features * emb.layer.out_features * torch.finfo(emb.dtype).bits // 8
+    return (f"{emb.layer.name}: {fmt} has no quantized embedding, so the {bits} table is written dequantized in "
+            f"{str(emb.dtype).removeprefix('torch.')} ({size / 1e6:.1f} MB; the same values, a larger file)")
 
 
 # Projections vLLM fuses into one matmul (its Llama-family packed modules): they need one scheme in a served export.

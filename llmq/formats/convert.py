@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..checkpoint.safetensors_io import INDEX, CheckpointReader, save_safetensors_atomic, write_index
 from ..errors import LlmqError
 from ..io import atomic_dir, write_json_atomic
-from ..numerics import QWeight, Scheme
+from ..numerics import QWeight, Scheme, dequantize
 from .detect import read_config
 
 # Files of a checkpoint folder that a conversion rewrites itself rather than copying, and weight files in other
@@ -39,6 +39,16 @@ class LayerShape:
     name: str
     in_features: int
     out_features: int
+
+
+@dataclass(frozen=True)
+class DenseEmbedding:
+    """A quantized token embedding that the target format cannot hold: written dequantized as `<name>.weight`."""
+
+    layer: LayerShape  # in_features = the embedding width, out_features = the vocabulary
+    codec: Codec  # how the source stores it
+    scheme: Scheme
+    dtype: torch.dtype  # what it is written in
 
 
 class Codec(Protocol):
@@ -93,9 +103,11 @@ def linear_shapes(model: torch.nn.Module) -> dict[str, LayerShape]:
     return {n: LayerShape(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def quantized_layers(reader: CheckpointReader, codec: Codec, shapes: dict[str, LayerShape]) -> list[str]:
+def quantized_layers(reader: CheckpointReader, codec: Codec, shapes: dict[str, LayerShape],
+                     embedding: str | None = None) -> list[str]:
+    """The quantized Linear layers of the checkpoint (`embedding`: a quantized token embedding, not one of them)."""
     suffix = "." + codec.anchor
-    layers = sorted(k[: -len(suffix)] for k in reader.keys() if k.endswith(suffix))
+    layers = sorted(k[: -len(suffix)] for k in reader.keys() if k.endswith(suffix) and k[: -len(suffix)] != embedding)
     unknown = [n for n in layers if n not in shapes]
     if unknown:
         raise LlmqError(f"{reader.folder}: quantized tensors for {unknown[0]!r}, which is not a Linear layer of this model's config")
@@ -120,16 +132,21 @@ def convert(
     card: Callable[[], str] | None = None,
     overwrite: bool = False,
     desc: str = "converting",
+    dense_embedding: DenseEmbedding | None = None,
 ) -> list[str]:
     """Stream `src` into a new checkpoint folder `dst`; returns the names of the converted layers. `shapes` are the
     model's Linear layers (`linear_shapes`), which say each quantized layer's true in/out features.
 
     `quantization_config(layers)` is called after every layer was converted (codecs may learn facts on the way, such
-    as whether all zero points were symmetric), and its result goes into the new config.json."""
+    as whether all zero points were symmetric), and its result goes into the new config.json. `dense_embedding`: a
+    quantized token embedding written in full precision (the target format has no quantized embedding)."""
     src, dst = Path(src), Path(dst)
     reader = CheckpointReader(src)
-    layers = quantized_layers(reader, decoder, shapes)
+    emb = dense_embedding
+    layers = quantized_layers(reader, decoder, shapes, emb.layer.name if emb else None)
     owned = {f"{n}.{s}" for n in layers for s in decoder.suffixes}
+    if emb is not None:
+        owned |= {f"{emb.layer.name}.{s}" for s in emb.codec.suffixes}
     by_file: dict[str, list[str]] = {}
     for key, file in reader.weight_map.items():
         by_file.setdefault(file, []).append(key)
@@ -139,6 +156,9 @@ def convert(
         for file in tqdm(reader.files(), desc=desc, unit="shard", leave=False):
             out = reader.read(k for k in by_file[file] if k not in owned)
             for key in by_file[file]:
+                if emb is not None and key == f"{emb.layer.name}.{emb.codec.anchor}":
+                    qw = emb.codec.decode(read_layer(reader, emb.layer.name, emb.codec), emb.layer)
+                    out[f"{emb.layer.name}.weight"] = dequantize(qw, emb.scheme, emb.dtype).contiguous()
                 if key not in anchors:
                     continue
                 name = anchors[key]

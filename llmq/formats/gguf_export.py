@@ -36,7 +36,7 @@ from ..checkpoint.safetensors_io import CheckpointReader
 from ..errors import BadInputError
 from ..io import atomic_file, check_output_file
 from ..model.structure import skeleton
-from ..numerics import QWeight, Scheme
+from ..numerics import QWeight, Scheme, dequantize
 from .convert import ByLayer, LayerShape, linear_shapes, read_layer
 from .detect import Detected, detect, read_config
 from .native import LlmqCodec, is_trivial_g_idx
@@ -168,10 +168,17 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
     config = read_config(src)
     _check_architecture(src, config)
     codec = None
+    model = skeleton(src)
+    shapes = linear_shapes(model)
     if found.kind == "llmq":
         cfg = LlmqConfig(**{k: v for k, v in found.quantization_config.items() if k != "quant_method"})
-        codec = ByLayer(lambda s: LlmqCodec(s, has_g_idx=cfg.g_idx), cfg.scheme, {n: cfg.scheme_for(n) for n in cfg.layers})
-    shapes = linear_shapes(skeleton(src))
+        schemes = {n: cfg.scheme_for(n) for n in cfg.layers}
+        emb = cfg.embedding_plan
+        if emb is not None:  # the table is a Linear-shaped layer: in = the embedding width, out = the vocabulary
+            table = model.get_submodule(emb.name)
+            shapes[emb.name] = LayerShape(emb.name, table.embedding_dim, table.num_embeddings)
+            schemes[emb.name] = emb.scheme
+        codec = ByLayer(lambda s: LlmqCodec(s, has_g_idx=cfg.g_idx), cfg.scheme, schemes)
     reader = CheckpointReader(src)
     result = GgufExport(found, dst, 0)
     writer = gguf.GGUFWriter(path=None, arch="llama")
@@ -190,7 +197,17 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
             if rows is not None:
                 qw = QWeight(qw.q[rows], qw.scales[rows], qw.zeros[rows], qw.g_idx)
             scheme = codec.scheme_for(hf_name)  # a mixed checkpoint's layers each get their own block type
-            qtype = block_type(scheme, qw, layer)
+            try:
+                qtype = block_type(scheme, qw, layer)
+            except BadInputError as e:
+                if name != "token_embd":
+                    raise
+                # llama.cpp reads its token table in any type: written as dense matrices are, and said so
+                qtype = _write_dense(writer, gguf, f"{name}.weight", dequantize(qw, scheme), embeddings)
+                notes.append(f"{hf_name}: {str(e).split(': ', 1)[1]}; written dequantized as {qtype} (the 8-bit "
+                             "symmetric per-row embedding, W8-sym, maps onto Q8_0 exactly)")
+                result.types[qtype] = result.types.get(qtype, 0) + 1
+                continue
             data, scale_change, min_change = encode_blocks(qw, scheme, qtype)
             scales_moved.add(scale_change)
             mins_moved.add(min_change)

@@ -91,6 +91,10 @@ def prepare(model: torch.nn.Module) -> int:
         device = layer.qweight.device
         if device != layer._kernel_device:
             layer.choose_kernel(device, layer._kernel_name)
+        if callable(getattr(layer, "prepare", None)):
+            layer.prepare()  # a layer's own set-up (a quantized embedding's unpacked zero points)
+        if getattr(layer, "serves_head", True) is False:
+            continue  # an embedding no matmul reads (its head is not tied to it): no kernel copy
         if layer.kernel is cpu.linear and device.type == "cpu":
             cpu.packed_for(layer)
         elif layer.kernel is dense.linear:

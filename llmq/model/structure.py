@@ -2,7 +2,8 @@
 
 - `skeleton`: the model built on the meta device from its config alone (no weights read, no quantizer);
 - `decoder_blocks`: the list of decoder blocks;
-- `targeted_linears`: the Linear layers a recipe's target / ignore regexes select (a tied lm_head refused).
+- `targeted_linears`: the Linear layers a recipe's target / ignore regexes select (a tied lm_head refused);
+- `input_embedding`: the token embedding and the output projection tied to it (scheme.embedding quantizes both).
 """
 
 from __future__ import annotations
@@ -61,3 +62,13 @@ def _tied_output_embedding(model: nn.Module) -> str | None:
     if get_out().weight is get_in().weight:
         return next(n for n, m in model.named_modules() if m is get_out())
     return None
+
+
+def input_embedding(model: nn.Module) -> tuple[str, str | None]:
+    """(full name of the token embedding, full name of the output projection tied to it, or None when untied)."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if get_in is not None else None
+    if not isinstance(emb, nn.Embedding):
+        raise BadInputError(f"{type(model).__name__}: found no token embedding (nn.Embedding) to quantize; leave "
+                            "scheme.embedding out")
+    return next(n for n, m in model.named_modules() if m is emb), _tied_output_embedding(model)

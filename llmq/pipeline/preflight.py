@@ -15,6 +15,7 @@ from ..methods import needs_calibration
 from ..model.resolve import resolve
 from ..model.structure import skeleton, targeted_linears
 from ..quantization import budget
+from ..quantization.blockwise import embedding_plan
 from ..recipe import BNB_FORMATS, Recipe, check_against_layers
 
 
@@ -38,6 +39,7 @@ def check_model_shapes(recipe: Recipe, folder: Path) -> dict[str, int]:
     linears = targeted_linears(model, recipe.targets, recipe.ignore)
     layers = {n: m.in_features for n, m in linears.items()}
     schemes = check_against_layers(recipe, layers)
+    embedding_plan(recipe, model)  # scheme.embedding's group size must divide the embedding width
     if recipe.scheme.budget is not None:  # a budget no candidate assignment can meet fails here
         budget.plan_budget(recipe, model, linears, schemes, DTYPES[recipe.output.dtype])
     return {n: layers[n] for n in schemes}
@@ -82,4 +84,7 @@ def scheme_label(recipe: Recipe) -> str:
     mixed = " with per-layer overrides" if recipe.overrides else ""
     if s.budget is not None:
         mixed = " with per-layer schemes chosen to the budget"
+    if s.embedding is not None:
+        e = s.embedding
+        mixed += f", embedding {scheme_words(e.bits, e.group_size, e.symmetric, short=True)}"
     return f"{scheme_words(s.bits, s.group_size, s.symmetric, short=True)}{mixed}, clip={recipe.method.clip}"

@@ -28,16 +28,16 @@ from tqdm.auto import tqdm
 
 from .. import memory, numerics
 from ..calibration import capture_inputs, linear_clusters
-from ..checkpoint.config import LlmqConfig
+from ..checkpoint.config import EmbeddingPlan, LlmqConfig
 from ..checkpoint.safetensors_io import CheckpointReader, write_index
 from ..checkpoint.safetensors_io import save_safetensors_atomic as _save_atomic
 from ..environment import default_device
-from ..errors import LlmqError
+from ..errors import BadInputError, LlmqError
 from ..io import torch_save_atomic
 from ..io import write_json_atomic as _write_json_atomic
 from ..methods import BlockJob, block_method
-from ..methods.rtn import rtn_block
-from ..model.structure import decoder_blocks, targeted_linears
+from ..methods.rtn import quantize_weight, rtn_block
+from ..model.structure import decoder_blocks, input_embedding, targeted_linears
 from ..numerics import QWeight, Scheme
 from ..recipe import Recipe, check_against_layers
 from .resume import ACTIVATIONS, PROGRESS, blocks_done, run_key
@@ -54,6 +54,8 @@ class QuantizeSummary:
     seconds: float = 0.0
     schemes: dict[str, Scheme] = field(default_factory=dict)  # each quantized layer's scheme
     skipped: list[str] = field(default_factory=list)  # targeted layers kept in full precision by an override
+    embedding: EmbeddingPlan | None = None  # the token embedding, when scheme.embedding quantizes it
+    embedding_qweight: QWeight | None = None  # its integers (in-memory walks; the disk walk writes them to a shard)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class _Plan:
     has_g_idx: bool
     schemes: dict[str, Scheme]  # every quantized layer's scheme, by full name
     skipped: list[str]  # targeted layers an override keeps in full precision
+    embedding: EmbeddingPlan | None  # the token embedding, when the recipe quantizes it
 
     def block_schemes(self, i: int | None) -> dict[str, Scheme]:
         """Block i's layer schemes by block-relative name (i None: the layers outside the blocks, by full name)."""
@@ -83,7 +86,31 @@ def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
     prefix, blocks = decoder_blocks(model)
     per_block = [[n.removeprefix(f"{prefix}.{i}.") for n in layers if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
     outside = [n for n in layers if not n.startswith(f"{prefix}.")]
-    return _Plan(prefix, blocks, per_block, outside, stores_g_idx(recipe, schemes.values()), schemes, skipped)
+    return _Plan(prefix, blocks, per_block, outside, stores_g_idx(recipe, schemes.values()), schemes, skipped,
+                 embedding_plan(recipe, model))
+
+
+def embedding_plan(recipe: Recipe, model: nn.Module) -> EmbeddingPlan | None:
+    """The token embedding `scheme.embedding` quantizes (and the head tied to it), its group size checked."""
+    if recipe.scheme.embedding is None:
+        return None
+    name, tied = input_embedding(model)
+    scheme = recipe.scheme.embedding.to_scheme()
+    dim = model.get_submodule(name).embedding_dim
+    if scheme.group_size is not None and dim % scheme.group_size:
+        raise BadInputError(f"scheme.embedding.group_size: {scheme.group_size} does not divide the embedding width {dim} "
+                            f"of {name} (try a divisor of {dim}, or null for one group per row)")
+    return EmbeddingPlan(name, scheme, tied)
+
+
+def quantize_embedding(model: nn.Module, recipe: Recipe, plan: EmbeddingPlan, scale_dtype: torch.dtype) -> QWeight:
+    """RTN of the token embedding (rows = tokens, groups along the hidden dimension), with the recipe's clipping. The
+    model's table becomes the dequantized one, so every block calibrates on what the quantized model will feed it."""
+    emb = model.get_submodule(plan.name)
+    with torch.no_grad():
+        qw = quantize_weight(emb.weight.data, plan.scheme, recipe.method, scale_dtype)
+        emb.weight.data.copy_(numerics.dequantize(qw, plan.scheme, emb.weight.dtype))
+    return qw
 
 
 def stores_g_idx(recipe: Recipe, schemes) -> bool:
@@ -126,7 +153,10 @@ def quantize_model(
     leave the dequantized weights in the model's Linear layers (the caller swaps them for QuantLinear)."""
     t0 = time.perf_counter()
     plan, method = _plan(model, recipe), block_method(recipe.method)
-    summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, schemes=plan.schemes, skipped=plan.skipped)
+    summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, schemes=plan.schemes, skipped=plan.skipped,
+                              embedding=plan.embedding)
+    if plan.embedding is not None:
+        summary.embedding_qweight = quantize_embedding(model, recipe, plan.embedding, scale_dtype)
     inputs = clusters = None
     if method.needs_calibration:
         if calibration is None:
@@ -272,7 +302,7 @@ class _DiskWalk:
         if done:
             logger.info(f"resuming at block {done} of {len(plan.blocks)} from {work}")
         summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, resumed_at_block=done, schemes=plan.schemes,
-                                  skipped=plan.skipped)
+                                  skipped=plan.skipped, embedding=plan.embedding)
         return cls(recipe, work, config, model, plan, reader, scale_dtype, device, key, done, log, summary)
 
     @property
@@ -288,6 +318,9 @@ class _DiskWalk:
         first block's inputs, or take the saved activations of the block to resume at."""
         self.rest_keys = unique_state_keys(self.model, skip_prefix=f"{self.plan.prefix}.")
         self.reader.materialize(self.model, "", self.rest_keys, self.device)
+        if self.plan.embedding is not None:
+            self.summary.embedding_qweight = quantize_embedding(self.model, self.recipe, self.plan.embedding,
+                                                                self.scale_dtype)
         if not self.method.needs_calibration:
             return None
         if calibration is None:
@@ -316,7 +349,12 @@ class _DiskWalk:
             if self.plan.has_g_idx:
                 outside_q = _with_default_g_idx(outside_q, outside)
             self.summary.layers += list(outside_q)
-        rest = _shard_tensors(self.model, "", self.rest_keys, outside_q, self.plan.block_schemes(None), self.scale_dtype)
+        schemes = self.plan.block_schemes(None)
+        if self.plan.embedding is not None:
+            outside_q[self.plan.embedding.name] = self.summary.embedding_qweight
+            schemes[self.plan.embedding.name] = self.plan.embedding.scheme
+            self.summary.embedding_qweight = None  # written to the shard below; not kept for the rest of the walk
+        rest = _shard_tensors(self.model, "", self.rest_keys, outside_q, schemes, self.scale_dtype)
         last = self.shard(len(self.plan.blocks))
         _save_atomic(rest, self.work / last)
         self.weight_map.update(dict.fromkeys(rest, last))
@@ -376,7 +414,7 @@ def _write_metadata(work: Path, base_dir: Path, config, recipe: Recipe, weight_m
     """The last step: index, config.json with the llmq quantization_config, generation config; resume files go."""
     write_index(work, weight_map)
     config.quantization_config = LlmqConfig.from_scheme(recipe.scheme.to_scheme(), recipe.targets, recipe.ignore,
-                                                        plan.has_g_idx, plan.schemes, plan.skipped)
+                                                        plan.has_g_idx, plan.schemes, plan.skipped, plan.embedding)
     config.dtype = dtype
     config.save_pretrained(work)
     if (Path(base_dir) / "generation_config.json").is_file():

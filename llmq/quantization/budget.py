@@ -32,7 +32,7 @@ from ..recipe import Recipe, SchemeConfig, check_against_layers
 from ..recipe.schema import LayerOverride
 from ..recipe.targets import matches
 from . import sensitivity
-from .blockwise import stores_g_idx
+from .blockwise import embedding_plan, stores_g_idx
 
 RESOLUTION = 200_000  # size units the budget is cut into
 
@@ -149,8 +149,13 @@ def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], 
         unit = "bits per weight"
     else:
         budget_bits = math.floor(b.size_mb * 8e6)
-        fixed_bits += _other_tensor_bits(model, set(schemes), scale_dtype)  # skipped layers' weights included
-        fixed_bits += _header_bits(model, set(schemes), has_g_idx)
+        emb = embedding_plan(recipe, model)
+        quantized = set(schemes) | ({emb.name} if emb else set())
+        fixed_bits += _other_tensor_bits(model, quantized, scale_dtype)  # skipped layers' weights included
+        if emb is not None:
+            table = model.get_submodule(emb.name)
+            fixed_bits += stored_bits(table.num_embeddings, table.embedding_dim, emb.scheme, scale_dtype, False)
+        fixed_bits += _header_bits(model, set(schemes), has_g_idx, emb.name if emb else None)
         unit = "MB"
     plan = BudgetPlan(free, shapes, sizes, fixed_bits, budget_bits, unit)
     least = fixed_bits + sum(_smallest(s) for s in sizes.values())
@@ -161,14 +166,17 @@ def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], 
     return plan
 
 
-def _header_bits(model: nn.Module, quantized: set[str], has_g_idx: bool) -> int:
+def _header_bits(model: nn.Module, quantized: set[str], has_g_idx: bool, embedding: str | None = None) -> int:
     """An upper bound on the safetensors headers of an llmq checkpoint of `model`: per tensor its JSON entry (name,
     dtype, shape, offsets: under len(name) + 96 bytes), per shard (one per decoder block and one for the rest) the
-    length prefix and metadata, so a size_mb budget holds for the files on disk."""
+    length prefix and metadata, so a size_mb budget holds for the files on disk. `embedding`: the token embedding,
+    when it is stored quantized (no g_idx)."""
     names = []
     for name in dict.fromkeys(model.state_dict(keep_vars=True)):
         layer, _, leaf = name.rpartition(".")
-        if layer in quantized and leaf == "weight":
+        if layer == embedding and leaf == "weight":
+            names += [f"{layer}.{k}" for k in ("qweight", "scales", "qzeros")]
+        elif layer in quantized and leaf == "weight":
             names += [f"{layer}.{k}" for k in ("qweight", "scales", "qzeros", *(("g_idx",) if has_g_idx else ()))]
         else:
             names.append(name)

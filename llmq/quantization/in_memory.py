@@ -41,5 +41,6 @@ def quantize(
     else:
         qweights, summary = blockwise.quantize_model(model, recipe, dtype, calibration)
     install_quantized(model, scheme, qweights, dtype, recipe.targets, recipe.ignore, has_g_idx=summary.has_g_idx,
-                      schemes=summary.schemes, skipped=summary.skipped)
+                      schemes=summary.schemes, skipped=summary.skipped, embedding=summary.embedding,
+                      embedding_qweight=summary.embedding_qweight)
     return list(qweights)

@@ -38,8 +38,15 @@ def _storage_sentence(s: dict[str, Any]) -> str:
     if fmt == "int8":
         return ("store LLM.int8 weights (int8, a scale per row) in bitsandbytes' own serialization: plain transformers "
                 "loads it with bitsandbytes installed (`from_pretrained(\"FOLDER\")`), no llmq import.")
+    emb = s.get("embedding")
+    table = ""
+    if emb:  # the recipe as saved: a short name or the mapping
+        e = emb if isinstance(emb, dict) else {}
+        words = scheme_words(e["bits"], e["group_size"], e["symmetric"], short=True) if e else str(emb)
+        table = (f" The token embedding is stored {words} too (and the output projection, when the model ties it to "
+                 "the embedding, reads the same quantized table).")
     return (f"store {s['bits']}-bit integer weights with per-group scales and zero points (llmq format; load with "
-            "`import llmq` before `from_pretrained`).")
+            f"`import llmq` before `from_pretrained`).{table}")
 
 
 def _header(report: dict[str, Any], tags: list[str], extra: dict[str, Any] | None = None) -> list[str]:
