@@ -30,12 +30,14 @@ CANDIDATES = ["W2g64", "W3g64", "W3g128", "W4g64", "W4g128", "W8g128"]
 
 
 def recipe(name: str, bits: int, out: Path, budget: dict | None = None, baseline: bool = False,
-           dtype: str = "float32") -> dict:
+           dtype: str = "float32", embedding: str | None = None) -> dict:
     r = llmq.Recipe.from_yaml(HERE.parent / "recipes" / "gptq-w3g64.yaml").to_dict()  # GPTQ settings of the uniform runs
     r.update(name=name, output={"dir": str(out / name), "dtype": dtype})
     r["scheme"] = {"bits": bits, "group_size": 64, "symmetric": False}
     if budget is not None:
         r["scheme"]["budget"] = {"candidates": CANDIDATES, **budget}
+    if embedding is not None:
+        r["scheme"]["embedding"] = embedding
     # fp16 checkpoints are evaluated in fp32 by this script (the protocol's dtype), not as llmq run would (as saved)
     r["eval"] = {**r["eval"], "baseline": baseline} if dtype == "float32" else None
     return r
@@ -95,6 +97,9 @@ def main() -> None:
     # whole-checkpoint sizes: unquantized tensors (the tied 49k x 576 embedding) and scales in fp16
     rows.append(run_row("uniform-w4g64-fp16", 4, keep, dtype="float16"))
     rows.append(run_row("budget-100mb-fp16", 4, keep, {"size_mb": 100}, dtype="float16"))
+    # the token embedding quantized too (scheme.embedding, 8-bit per row; the tied lm_head reads the same table)
+    rows.append(run_row("uniform-w4g64-fp16-emb-w8", 4, keep, dtype="float16", embedding="W8"))
+    rows.append(run_row("budget-100mb-fp16-emb-w8", 4, keep, {"size_mb": 100}, dtype="float16", embedding="W8"))
     gap = w3["ppl"] - w4["ppl"]
     for r in rows[2:5]:
         ref = w3 if "w3" in r["name"] else w4
@@ -107,8 +112,9 @@ def main() -> None:
              "GPTQ (recipes/gptq-w3g64.yaml settings: act order + static groups, MSE clipping, 64 x 512 lambada), wiki "
              "perplexity per the protocol (16 x 2048, fp32), all runs in one process on this project's 2-core CPU. "
              "Budget runs choose each layer's scheme among " + ", ".join(CANDIDATES) + "; -fp16 rows store scales and "
-             "unquantized tensors in fp16, the others in fp32 like the uniform rows. Bits per weight are counted over "
-             "the quantized Linear layers as stored (codes, scales, zero points). "
+             "unquantized tensors in fp16, the others in fp32 like the uniform rows; -emb-w8 rows also store the token "
+             "embedding (tied to the output projection) as 8-bit integers per row (scheme.embedding: W8). Bits per "
+             "weight are counted over the quantized Linear layers as stored (codes, scales, zero points). "
              "Command: `python benchmarks/budget_smollm2.py --reuse` (rows whose checkpoint is already in "
              "out/budget-bench are read from their report.json).", "",
              f"Base model perplexity: {w3['base_ppl']:.3f}.", "",

@@ -61,10 +61,11 @@ def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: 
 
 def stored_bits_per_weight(folder: Path) -> float:
     """Bits per weight of an llmq checkpoint's quantized layers as stored: codes, scales, zero points and g_idx over
-    the layers' out x in weights (what a budget's bits_per_weight counts)."""
+    the layers' out x in weights (what a budget's bits_per_weight counts; a quantized embedding is not a Linear layer
+    and is not counted)."""
     sizes = tensor_bytes(folder)
     shapes = linear_shapes(skeleton(folder))
-    layers = [k.removesuffix(".qweight") for k in sizes if k.endswith(".qweight")]
+    layers = [n for n in (k.removesuffix(".qweight") for k in sizes if k.endswith(".qweight")) if n in shapes]
     stored = sum(sizes.get(f"{n}.{leaf}", 0) for n in layers for leaf in ("qweight", "scales", "qzeros", "g_idx"))
     return 8 * stored / sum(shapes[n].in_features * shapes[n].out_features for n in layers)
 

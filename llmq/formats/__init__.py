@@ -129,8 +129,10 @@ def embedding_in_full_precision(cfg: LlmqConfig, model: torch.nn.Module, dtype: 
 def embedding_note(emb: DenseEmbedding, fmt: str) -> str:
     bits = describe.scheme_words(emb.scheme.bits, emb.scheme.group_size, emb.scheme.symmetric, short=True)
     size = emb.layer.in_features * emb.layer.out_features * torch.finfo(emb.dtype).bits // 8
+    dtype = str(emb.dtype).removeprefix("torch.")
+    exact = "the same values" if emb.dtype == torch.float32 else f"the same values rounded to {dtype}"
     return (f"{emb.layer.name}: {fmt} has no quantized embedding, so the {bits} table is written dequantized in "
-            f"{str(emb.dtype).removeprefix('torch.')} ({size / 1e6:.1f} MB; the same values, a larger file)")
+            f"{dtype} ({size / 1e6:.3g} MB: {exact}, a larger file)")
 
 
 # Projections vLLM fuses into one matmul (its Llama-family packed modules): they need one scheme in a served export.

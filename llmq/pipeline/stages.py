@@ -29,6 +29,7 @@ from rich.console import Console
 
 from .. import data
 from ..calibration import calibration_batches
+from ..describe import scheme_words
 from ..environment import DTYPES, default_device, is_main_process, world_size
 from ..errors import BadInputError
 from ..evaluation.gate import GateFailed
@@ -333,6 +334,12 @@ def evaluate_quantized(job: Job) -> dict[str, Any]:
     return tasks
 
 
+def _embedding_record(summary: QuantizeSummary) -> dict[str, Any]:
+    e = summary.embedding
+    return {"name": e.name, "tied_head": e.tied_head,
+            "scheme": scheme_words(e.scheme.bits, e.scheme.group_size, e.scheme.symmetric, short=True)}
+
+
 def write_report(job: Job, done: Quantized, tasks: dict[str, Any]) -> RunResult:
     """report.json and the model card; the terminal table; then the gate (exit 3 on a miss, the report kept)."""
     metrics: dict[str, Any] = {k: v.to_dict() for k, v in job.metrics.items()}
@@ -348,7 +355,8 @@ def write_report(job: Job, done: Quantized, tasks: dict[str, Any]) -> RunResult:
     result.report = report.write(
         result, quantized_layers=summary.layers, layer_rows=summary.rows,
         quantization={"resumed_at_block": summary.resumed_at_block, **done.extra,
-                      **({"budget": job.budget} if job.budget is not None else {})},
+                      **({"budget": job.budget} if job.budget is not None else {}),
+                      **({"embedding": _embedding_record(summary)} if summary.embedding is not None else {})},
         command=f"llmq run recipe.yaml -o {shlex.quote(str(job.out))}",
         gate=None if misses is None else {"thresholds": thresholds.model_dump(), "passed": not misses, "misses": misses},
     )

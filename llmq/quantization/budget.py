@@ -191,9 +191,11 @@ def _other_tensor_bits(model: nn.Module, quantized: set[str], dtype: torch.dtype
     dtype_bits = torch.finfo(dtype).bits
     for name, t in model.state_dict(keep_vars=True).items():
         layer, _, leaf = name.rpartition(".")
-        if id(t) in seen or (layer in quantized and leaf == "weight"):
+        if id(t) in seen:
             continue
-        seen.add(id(t))
+        seen.add(id(t))  # before the skip below: a tied head's weight is the quantized embedding's, counted there
+        if layer in quantized and leaf == "weight":
+            continue
         bits += t.numel() * (dtype_bits if t.is_floating_point() else t.element_size() * 8)
     return bits
 

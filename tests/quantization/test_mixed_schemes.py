@@ -218,8 +218,9 @@ def _budget_recipe(tiny_recipe, tmp_path, **b):
 
 
 def _bits_of(out: Path) -> tuple[int, int]:
+    """(stored bits, weights) over the quantized Linear layers (a quantized embedding not among them)."""
     model = AutoModelForCausalLM.from_pretrained(out)
-    q = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    q = [m for m in model.modules() if type(m) is QuantLinear]
     return sum(stored_bits(m.out_features, m.in_features, m.scheme, m.scales.dtype, False) for m in q), \
         sum(m.out_features * m.in_features for m in q)
 
@@ -265,11 +266,17 @@ def test_untied_budget_and_the_units_it_solves_for():
     assert budget.units(["lm_head", "m.layers.0.q"], "m.layers", [["q"]], tie=True) == [["lm_head"], ["m.layers.0.q"]]
 
 
-def test_size_budget_counts_the_whole_checkpoint(tiny_recipe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("embedding", [None, "W4g32"])
+def test_size_budget_counts_the_whole_checkpoint(tiny_recipe, tmp_path, monkeypatch, embedding):
+    """size_mb holds for the files on disk, with the token embedding in full precision or quantized (scheme.embedding:
+    its packed table counts instead, and the bits it frees go to the layers)."""
     from llmq.checkpoint.safetensors_io import weights_bytes
+    from llmq.evaluation.checkpoint_info import describe_checkpoint, stored_bits_per_weight
 
     monkeypatch.setenv("LLMQ_CACHE", str(tmp_path / "cache"))
-    small = llmq.run({**_budget_recipe(tiny_recipe, tmp_path, size_mb=0.12)})
+    recipe = _budget_recipe(tiny_recipe, tmp_path, size_mb=0.12)
+    recipe["scheme"]["embedding"] = embedding
+    small = llmq.run(recipe)
     tensor_bytes = 0
     for f in small.output_dir.glob("*.safetensors"):
         with safe_open(f, "pt") as fh:
@@ -277,6 +284,15 @@ def test_size_budget_counts_the_whole_checkpoint(tiny_recipe, tmp_path, monkeypa
     used = small.report["quantization"]["budget"]["used_bits"]
     assert tensor_bytes * 8 < used <= 0.12 * 8e6  # used: the tensors plus a bound on the headers
     assert tensor_bytes < weights_bytes(small.output_dir) <= used / 8  # the files on disk fit the budget
+    layers_bpw = stored_bits_per_weight(small.output_dir)  # over the Linear layers only, the table not among them
+    bits, weights = _bits_of(small.output_dir)
+    if embedding is None:
+        assert layers_bpw == pytest.approx(bits / weights)
+    else:
+        info = describe_checkpoint(str(small.output_dir), small.output_dir)
+        assert info["scheme"].endswith("embedding W4g32 asym") and info["bits"] == pytest.approx(layers_bpw, abs=1e-3)
+        plain = llmq.run({**_budget_recipe(tiny_recipe, tmp_path, size_mb=0.12)}, output_dir=tmp_path / "plain")
+        assert layers_bpw > stored_bits_per_weight(plain.output_dir)  # the table's savings bought finer layers
     with pytest.raises(BadInputError, match=r"scheme.budget.size_mb: 0.01 is below the smallest model"):
         llmq.validate(_budget_recipe(tiny_recipe, tmp_path, size_mb=0.01))
 
