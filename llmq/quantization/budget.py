@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from ..errors import BadInputError
-from ..model.structure import decoder_blocks, skeleton, targeted_linears
+from ..model.structure import decoder_blocks, input_embedding, skeleton, targeted_linears
 from ..numerics import SUPPORTED_BITS, Scheme, stored_bits
 from ..recipe import Recipe, SchemeConfig, check_against_layers
-from ..recipe.schema import LayerOverride
+from ..recipe.schema import EmbeddingScheme, LayerOverride
 from ..recipe.targets import matches
 from . import sensitivity
 from .blockwise import embedding_plan, stores_g_idx
+from .sensitivity import EmbeddingCandidates
 
 RESOLUTION = 200_000  # size units the budget is cut into
 
@@ -100,9 +101,11 @@ class BudgetPlan:
     free: list[str]  # layers whose scheme the budget chooses (no override fixes them)
     shapes: dict[str, tuple[int, int]]  # every targeted layer: (out_features, in_features)
     sizes: dict[str, list[int]]  # free layer -> bits of each candidate
-    fixed_bits: int  # what the budget's scope holds besides the free layers
+    fixed_bits: int  # what the budget's scope holds besides the free layers (and the embedding, when it chooses it)
     budget_bits: int  # the whole budget in bits
     unit: str  # "bits per weight" or "MB"
+    embedding: EmbeddingCandidates | None = None  # the token embedding, when the budget chooses its scheme too
+    embedding_sizes: list[int | None] = field(default_factory=list)  # bits of each embedding candidate
 
     @property
     def available(self) -> int:
@@ -122,6 +125,7 @@ def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], 
     smallest candidates cannot meet is an error here, before any heavy work."""
     b = recipe.scheme.budget
     cands = candidates(recipe)
+    emb_cands, emb_sizes = None, []
     has_g_idx = stores_g_idx(recipe, [*schemes.values(), *cands])  # whether any choice could store g_idx
     fixed = {n for n in layers if any(matches(n, o.targets) for o in recipe.overrides)}
     free = [n for n in schemes if n not in fixed]
@@ -150,15 +154,28 @@ def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], 
     else:
         budget_bits = math.floor(b.size_mb * 8e6)
         emb = embedding_plan(recipe, model)
-        quantized = set(schemes) | ({emb.name} if emb else set())
+        if b.embedding is not None:  # the budget chooses it: its table counts as one more choice below
+            name, tied = input_embedding(model)
+            emb_cands = EmbeddingCandidates(name, tied, tuple(None if c is None else c.to_scheme() for c in b.embedding))
+        quantized = set(schemes) | ({emb.name} if emb else set()) | ({emb_cands.name} if emb_cands else set())
         fixed_bits += _other_tensor_bits(model, quantized, scale_dtype)  # skipped layers' weights included
         if emb is not None:
             table = model.get_submodule(emb.name)
             fixed_bits += stored_bits(table.num_embeddings, table.embedding_dim, emb.scheme, scale_dtype, False)
-        fixed_bits += _header_bits(model, set(schemes), has_g_idx, emb.name if emb else None)
+        if emb_cands is not None:
+            table = model.get_submodule(emb_cands.name)
+            shape = (table.num_embeddings, table.embedding_dim)
+            emb_sizes = [shape[0] * shape[1] * torch.finfo(scale_dtype).bits if c is None
+                         else stored_bits(*shape, c, scale_dtype, False) if fits(c, shape[1]) else None
+                         for c in emb_cands.schemes]
+            if all(size is None for size in emb_sizes):
+                raise BadInputError(f"scheme.budget.embedding: no candidate's group size divides the embedding width "
+                                    f"{shape[1]} of {emb_cands.name}")
+        fixed_bits += _header_bits(model, set(schemes), has_g_idx,
+                                   emb.name if emb else emb_cands.name if emb_cands else None)
         unit = "MB"
-    plan = BudgetPlan(free, shapes, sizes, fixed_bits, budget_bits, unit)
-    least = fixed_bits + sum(_smallest(s) for s in sizes.values())
+    plan = BudgetPlan(free, shapes, sizes, fixed_bits, budget_bits, unit, emb_cands, emb_sizes)
+    least = fixed_bits + sum(_smallest(s) for s in [*sizes.values(), *([emb_sizes] if emb_cands else [])])
     if least > budget_bits:
         what = f"bits_per_weight: {b.bits_per_weight}" if unit != "MB" else f"size_mb: {b.size_mb}"
         raise BadInputError(f"scheme.budget.{what} is below the smallest model the candidates allow "
@@ -224,6 +241,9 @@ def assign(recipe: Recipe, plan: BudgetPlan, scores: dict[str, list[float | None
     groups = units(plan.free, prefix, list(clusters), recipe.scheme.budget.tie_shared_inputs)
     sizes = [[_summed([plan.sizes[n][c] for n in g]) for c in range(len(cands))] for g in groups]
     group_scores = [[_summed([scores[n][c] for n in g]) for c in range(len(cands))] for g in groups]
+    if plan.embedding is not None:  # one more choice, with its own candidates
+        sizes.append(plan.embedding_sizes)
+        group_scores.append(scores[plan.embedding.name])
     picks = solve(sizes, group_scores, plan.available)
     chosen = {n: cands[c] for g, c in zip(groups, picks) for n in g}
     chosen = {n: chosen[n] for n in plan.free}
@@ -231,13 +251,27 @@ def assign(recipe: Recipe, plan: BudgetPlan, scores: dict[str, list[float | None
         LayerOverride(targets=[re.escape(n)], bits=s.bits, group_size=s.group_size, symmetric=s.symmetric)
         for n, s in chosen.items()
     ]
-    scheme = recipe.scheme.model_copy(update={"budget": None})
+    update: dict = {"budget": None}
+    if plan.embedding is not None:
+        table = plan.embedding.schemes[picks[-1]]
+        update["embedding"] = None if table is None else EmbeddingScheme(
+            bits=table.bits, group_size=table.group_size, symmetric=table.symmetric)
+    scheme = recipe.scheme.model_copy(update=update)
     resolved = recipe.model_copy(update={"scheme": scheme, "overrides": [*recipe.overrides, *chosen_overrides]})
     return resolved, chosen
 
 
-def used_bits(plan: BudgetPlan, chosen: dict[str, Scheme], scale_dtype: torch.dtype, has_g_idx: bool) -> int:
-    return plan.fixed_bits + sum(stored_bits(*plan.shapes[n], s, scale_dtype, has_g_idx) for n, s in chosen.items())
+def used_bits(plan: BudgetPlan, chosen: dict[str, Scheme], scale_dtype: torch.dtype, has_g_idx: bool,
+              table: Scheme | None = None) -> int:
+    """Bits the chosen assignment takes (`table`: the embedding's chosen scheme, when the budget chose it)."""
+    bits = plan.fixed_bits + sum(stored_bits(*plan.shapes[n], s, scale_dtype, has_g_idx) for n, s in chosen.items())
+    if plan.embedding is not None:
+        bits += plan.embedding_sizes[plan.embedding.schemes.index(table)]
+    return bits
+
+
+def embedding_label(s: Scheme | None) -> str:
+    return "none (full precision)" if s is None else label(s)
 
 
 def choose(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, scale_dtype: torch.dtype,
@@ -249,14 +283,16 @@ def choose(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, scale_dtyp
     schemes = check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
     plan = plan_budget(recipe, model, layers, schemes, scale_dtype)
     cands = candidates(recipe)
-    scores, facts = sensitivity.measure(recipe, base_dir, calibration, cands, plan.free, scale_dtype, device)
+    scores, facts = sensitivity.measure(recipe, base_dir, calibration, cands, plan.free, scale_dtype, device,
+                                        plan.embedding)
     t = time.perf_counter()
     resolved, chosen = assign(recipe, plan, scores, decoder_blocks(model)[0], facts["clusters"])
     solve_s = time.perf_counter() - t
-    used = used_bits(plan, chosen, scale_dtype, stores_g_idx(recipe, [*schemes.values(), *chosen.values()]))
+    table = resolved.scheme.embedding.to_scheme() if resolved.scheme.embedding is not None else None
+    used = used_bits(plan, chosen, scale_dtype, stores_g_idx(recipe, [*schemes.values(), *chosen.values()]), table)
     b = recipe.scheme.budget
     record = {
-        "budget": b.model_dump(mode="json", exclude={"candidates"}), "candidates": [label(c) for c in cands],
+        "budget": b.model_dump(mode="json", exclude={"candidates", "embedding"}), "candidates": [label(c) for c in cands],
         "unit": plan.unit, "budget_bits": plan.budget_bits, "used_bits": used,
         "used": plan.describe(used), "allowed": plan.describe(plan.budget_bits),
         "sensitivity": {**facts, "solve_seconds": round(solve_s, 3)},
@@ -264,4 +300,11 @@ def choose(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, scale_dtyp
         "layers": {n: label(s) for n, s in chosen.items()},
         "counts": {label(c): sum(s == c for s in chosen.values()) for c in cands},
     }
+    if plan.embedding is not None:
+        emb_scores = scores[plan.embedding.name]
+        record["embedding"] = {"name": plan.embedding.name, "tied_head": plan.embedding.tied_head,
+                               "chosen": embedding_label(table),
+                               "candidates": {embedding_label(c): {"bits": size, "score": score} for c, size, score
+                                              in zip(plan.embedding.schemes, plan.embedding_sizes, emb_scores)}}
+        record["predicted_error"] += emb_scores[plan.embedding.schemes.index(table)]
     return resolved, record

@@ -27,7 +27,9 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -73,7 +75,18 @@ def gptq_column_weights(H: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     return U.diagonal().pow(-2)
 
 
-def cache_key(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[Scheme], layers: list[str]) -> str:
+@dataclass(frozen=True)
+class EmbeddingCandidates:
+    """The token embedding as a budget choice: its name, the head tied to it (or None), the candidate schemes (None =
+    full precision)."""
+
+    name: str
+    tied_head: str | None
+    schemes: tuple[Scheme | None, ...]
+
+
+def cache_key(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[Scheme], layers: list[str],
+              embedding: EmbeddingCandidates | None = None) -> str:
     m = recipe.method
     parts = {
         "version": CACHE_VERSION, "base": files_stamp(base_dir), "layers": sorted(layers),
@@ -83,27 +96,33 @@ def cache_key(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list
         "clip": [m.clip, m.clip_grid, m.clip_max_shrink, m.clip_norm], "scale_dtype": recipe.output.dtype,
         "gptq": [m.init_method == "gptq", m.damp],
     }
+    if embedding is not None:
+        parts["embedding"] = [embedding.name, embedding.tied_head,
+                              [None if c is None else [c.bits, c.group_size, c.symmetric] for c in embedding.schemes]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def measure(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, cands: list[Scheme], layers: list[str],
-            scale_dtype: torch.dtype, device: torch.device) -> tuple[dict[str, list[float | None]], dict]:
+            scale_dtype: torch.dtype, device: torch.device, embedding: EmbeddingCandidates | None = None,
+            ) -> tuple[dict[str, list[float | None]], dict]:
     """{layer: [score per candidate, None where it does not fit]} for the named layers (all inside the decoder
-    blocks), and facts about the measurement: seconds, windows, whether it came from the cache, and `clusters` (the
-    first block's Linear layers grouped by shared input, block-relative names: q/k/v, gate/up)."""
+    blocks) — and, given `embedding`, {its name: [score per embedding candidate]} — and facts about the measurement:
+    seconds, windows, whether it came from the cache, and `clusters` (the first block's Linear layers grouped by
+    shared input, block-relative names: q/k/v, gate/up)."""
     windows = calibration[: recipe.scheme.budget.sensitivity_samples]
-    key = cache_key(recipe, base_dir, windows, cands, layers)
+    key = cache_key(recipe, base_dir, windows, cands, layers, embedding)
     path = cache_dir() / "sensitivity" / f"{key}.json"
+    expected = set(layers) | ({embedding.name} if embedding else set())
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
-            if set(saved["scores"]) == set(layers):
+            if set(saved["scores"]) == expected:
                 logger.info(f"sensitivity: reusing the measurement in {path}")
                 return saved["scores"], {**saved["facts"], "cached": str(path)}
         except (OSError, ValueError, KeyError):
             pass  # an unreadable cache entry is measured again
     t0 = time.perf_counter()
-    scores, clusters = _measure(recipe, base_dir, windows, cands, set(layers), scale_dtype, device)
+    scores, clusters = _measure(recipe, base_dir, windows, cands, set(layers), scale_dtype, device, embedding)
     facts = {"seconds": round(time.perf_counter() - t0, 2), "windows": list(windows.shape), "clusters": clusters,
              "method": "rtn error x input Hessian, calibrated per layer by the relative block-output error"}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +132,8 @@ def measure(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, cands: li
 
 @torch.no_grad()
 def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[Scheme], wanted: set[str],
-             scale_dtype: torch.dtype, device: torch.device) -> tuple[dict[str, list[float | None]], list[list[str]]]:
+             scale_dtype: torch.dtype, device: torch.device, embedding: EmbeddingCandidates | None = None,
+             ) -> tuple[dict[str, list[float | None]], list[list[str]]]:
     _, model = meta_model(base_dir)
     prefix, blocks = decoder_blocks(model)
     outside = sorted(n for n in wanted if not n.startswith(prefix + "."))
@@ -124,6 +144,7 @@ def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[
     reader.materialize(model, "", rest, device)
     inputs = capture_inputs(model, blocks[0], list(torch.split(windows, recipe.calibration.batch_size)), device)
     probe = capture_inputs(model, blocks[0], [windows[:GAIN_WINDOWS]], device)  # the gains' block forwards
+    table = _EmbeddingProbe.start(model, blocks[0], windows[:GAIN_WINDOWS], embedding, recipe, scale_dtype, device)
     model.to("meta")
     scores: dict[str, list[float | None]] = {}
     clusters: list[list[str]] = []
@@ -136,6 +157,8 @@ def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[
         hessians = {n: Hessian(block.get_submodule(n).in_features, device) for n in names}
         inputs.feed(block, {block.get_submodule(n): hessians[n].add for n in names}, stop_after=None)
         reference = probe.outputs(block)
+        if table is not None and i == 0:
+            table.score_input(block, reference)
         for n in names:
             layer = block.get_submodule(n)
             w = layer.weight.data.clone()
@@ -154,10 +177,69 @@ def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[
             layer.weight.data = w
             gain = measured / rtn_error[coarsest] if rtn_error[coarsest] > 0 else 0.0  # measured with RTN weights
             scores[f"{prefix}.{i}.{n}"] = [None if e is None else gain * e for e in predicted]
-        del hessians, reference
+        del hessians
         if i + 1 < len(blocks):
             inputs.advance(block)
             probe.advance(block)
+        elif table is not None:
+            table.score_output(model, reader, reference, device)
+        del reference
         block.to("meta")
         memory.trim()
+    if table is not None:
+        scores[embedding.name] = table.scores
     return scores, clusters
+
+
+@dataclass
+class _EmbeddingProbe:
+    """The token embedding's score per candidate, in the layers' unit (a relative error, token by token, of what the
+    next stage reads): on the input side, the first block's output error with the table at the candidate (measured
+    directly, as the layers' gains are); for a tied head, also the logits' relative error, h·ΔWᵀ against h·Wᵀ, on
+    the full-precision model's final normed hidden states h."""
+
+    candidates: EmbeddingCandidates
+    weights: list[torch.Tensor | None]  # each candidate's dequantized table (None: full precision)
+    fed: list[Any]  # the first block's inputs with each candidate's table
+    scores: list[float]
+
+    @classmethod
+    def start(cls, model, first_block, windows: torch.Tensor, embedding: EmbeddingCandidates | None, recipe: Recipe,
+              scale_dtype: torch.dtype, device) -> _EmbeddingProbe | None:
+        if embedding is None:
+            return None
+        table = model.get_submodule(embedding.name)
+        w = table.weight.data.clone()
+        weights, fed = [], []
+        for c in embedding.schemes:
+            dq = None if c is None else numerics.dequantize(quantize_weight(w, c, recipe.method, scale_dtype), c)
+            table.weight.data = w if dq is None else dq
+            fed.append(capture_inputs(model, first_block, [windows], device))
+            weights.append(dq)
+        table.weight.data = w
+        return cls(embedding, weights, fed, [0.0] * len(weights))
+
+    def score_input(self, block, reference: list[torch.Tensor]) -> None:
+        for c, inputs in enumerate(self.fed):
+            self.scores[c] += 0.0 if self.weights[c] is None else relative_error(inputs.outputs(block), reference)
+        self.fed = []
+
+    def score_output(self, model, reader: CheckpointReader, last_outputs: list[torch.Tensor], device) -> None:
+        if self.candidates.tied_head is None:
+            return
+        norm = getattr(model.get_decoder(), "norm", None)
+        if norm is None:
+            raise LlmqError(f"sensitivity: {type(model).__name__} has no final norm (model.norm) before its tied head")
+        keys = [k for k in unique_state_keys(model) if k.startswith(self.candidates.name + ".")]
+        keys += [k for k, _ in norm.named_parameters(prefix=_name_of(model, norm))]
+        reader.materialize(model, "", keys, device)
+        w = model.get_submodule(self.candidates.name).weight.data
+        h = [norm(o) for o in last_outputs]
+        reference = [x @ w.t() for x in h]
+        for c, dq in enumerate(self.weights):
+            if dq is not None:
+                self.scores[c] += relative_error([x @ dq.t() for x in h], reference)
+
+
+def _name_of(model, module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)

@@ -164,6 +164,8 @@ class SizeBudget(Strict):
     over the layers is least while the model fits the budget — exactly one of `bits_per_weight` (over the targeted
     Linear layers, with scales, zero points and g_idx as llmq stores them) or `size_mb` (the checkpoint's
     safetensors files, 10^6 bytes: every tensor and a bound on the headers). Candidates default to 2, 3, 4 and 8 bits with the scheme's group size and symmetry.
+    With a size_mb budget, `embedding` lists candidates for the token embedding (and the head tied to it) as well,
+    `none` keeping it in full precision.
     Sensitivity is measured on the first `sensitivity_samples` calibration windows (sensitivity.py). With
     `tie_shared_inputs` the layers of a block that read the same input (q/k/v, gate/up) are chosen together, as one:
     vLLM runs them as one fused matmul and needs them in one scheme."""
@@ -173,12 +175,20 @@ class SizeBudget(Strict):
     candidates: list[SchemeConfig] | None = None
     sensitivity_samples: int = Field(8, ge=1)
     tie_shared_inputs: bool = True  # layers reading one input (q/k/v, gate/up) get one scheme: vLLM fuses them
+    embedding: list[EmbeddingScheme | None] | None = None  # the token embedding's candidates (none = full precision)
 
     @field_validator("candidates", mode="before")
     @classmethod
     def _short_names(cls, v: Any) -> Any:
         if isinstance(v, list):
             return [_scheme_dict(c, "candidate") for c in v]
+        return v
+
+    @field_validator("embedding", mode="before")
+    @classmethod
+    def _full_precision(cls, v: Any) -> Any:
+        if isinstance(v, list):  # `none` (or null): the table stays in the output dtype
+            return [None if c is None or (isinstance(c, str) and c.strip().lower() == "none") else c for c in v]
         return v
 
     @model_validator(mode="after")
@@ -193,6 +203,14 @@ class SizeBudget(Strict):
                 raise ValueError("candidates: integer schemes only (bitsandbytes formats do not mix per layer)")
             if len({c.to_scheme() for c in self.candidates}) != len(self.candidates):
                 raise ValueError("candidates: a scheme is listed twice")
+        if self.embedding is not None:
+            if self.size_mb is None:
+                raise ValueError("embedding: bits_per_weight counts the Linear layers only; the embedding's scheme is "
+                                 "chosen to a size_mb budget")
+            if not self.embedding:
+                raise ValueError("embedding: name at least one candidate (none = full precision)")
+            if len({None if c is None else c.to_scheme() for c in self.embedding}) != len(self.embedding):
+                raise ValueError("embedding: a candidate is listed twice")
         return self
 
 
@@ -475,7 +493,11 @@ class Recipe(Strict):
     def _mixing_fits(self) -> Recipe:
         if self.scheme.format != "int" and (self.overrides or self.scheme.budget is not None):
             raise ValueError(f"scheme.format {self.scheme.format}: overrides and budgets mix integer schemes only")
-        if self.scheme.embedding is not None:
+        budget = self.scheme.budget
+        if budget is not None and budget.embedding is not None and self.scheme.embedding is not None:
+            raise ValueError("scheme.embedding fixes the embedding's scheme and scheme.budget.embedding lets the budget "
+                             "choose it: give one of them")
+        if self.scheme.embedding is not None or (budget is not None and budget.embedding is not None):
             if self.scheme.format != "int":
                 raise ValueError(f"scheme.embedding: format {self.scheme.format} is written by bitsandbytes, which keeps "
                                  "the embedding in full precision; leave scheme.embedding out")

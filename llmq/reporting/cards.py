@@ -327,6 +327,10 @@ def _mixed_lines(report: dict[str, Any]) -> list[str]:
               "(each layer's block-output error under each candidate, on calibration windows) under the budget.", "",
               "| scheme | layers |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in budget["counts"].items() if v]
+    if budget.get("embedding"):
+        e = budget["embedding"]
+        lines += ["", f"The budget chose the token embedding's scheme too (candidates: {', '.join(e['candidates'])}): "
+                      f"{e['chosen']}."]
     return [*lines, "", "Every layer's scheme is in `config.json` (`quantization_config.layers`) and `recipe.yaml`.", ""]
 
 

@@ -73,7 +73,9 @@ def budget_table(record: dict[str, Any]) -> Table:
         rows.setdefault(row, {})[col] = scheme
     cols = list(dict.fromkeys(c for r in rows.values() for c in r))
     counts = ", ".join(f"{k} x{v}" for k, v in record["counts"].items() if v)
-    t = Table(title=f"schemes chosen: {record['used']} of {record['allowed']} ({counts})")
+    emb = record.get("embedding")
+    table = f"; embedding {emb['chosen']}" if emb else ""
+    t = Table(title=f"schemes chosen: {record['used']} of {record['allowed']} ({counts}{table})")
     t.add_column("block")
     for c in cols:
         t.add_column(c.rsplit(".", 1)[-1] or "layer")

@@ -237,3 +237,42 @@ def test_gguf_maps_an_8_bit_symmetric_table_onto_q8_0(quantized, tmp_path):
         ids = torch.arange(300)
         assert torch.equal(theirs.model.embed_tokens(ids), ours.model.embed_tokens(ids))
         torch.testing.assert_close(theirs(x).logits, ours(x).logits, rtol=1e-5, atol=1e-6)
+
+
+def _budget(model: Path, out: Path, calib: Path, size_mb: float) -> dict:
+    return {"model": str(model), "method": "gptq", "eval": None, "output": {"dir": str(out)},
+            "calibration": {"data": str(calib), "n_samples": 4, "seqlen": 32, "batch_size": 2},
+            "scheme": {"bits": 3, "group_size": 32, "budget": {
+                "size_mb": size_mb, "candidates": ["W2g32", "W3g32", "W4g32", "W8"], "embedding": ["none", "W8", "W4g32"]}}}
+
+
+def test_a_size_budget_chooses_the_embeddings_scheme_too(tiny_model_dir, tmp_path, calib, monkeypatch):
+    """With budget.embedding the table is one more choice of the solver: scored in the layers' unit (none scores 0,
+    coarser scores more), sized exactly; a tight budget quantizes it, a budget with room for everything keeps it in
+    full precision; the files fit the budget and the resolved recipe names the choice."""
+    monkeypatch.setenv("LLMQ_CACHE", str(tmp_path / "cache"))
+    tight = llmq.run(_budget(tiny_model_dir, tmp_path / "tight", calib, 0.12))
+    record = tight.report["quantization"]["budget"]
+    cands = record["embedding"]["candidates"]
+    assert list(cands) == ["none (full precision)", "W8", "W4g32"]
+    assert cands["none (full precision)"]["score"] == 0 < cands["W8"]["score"] < cands["W4g32"]["score"]
+    assert cands["none (full precision)"]["bits"] == 300 * 64 * 32 > cands["W8"]["bits"] > cands["W4g32"]["bits"]
+    assert record["embedding"]["chosen"] != "none (full precision)"
+    assert weights_bytes(tight.output_dir) <= record["used_bits"] / 8 <= 0.12 * 1e6
+    saved = llmq.Recipe.from_yaml(tight.output_dir / "recipe.yaml")
+    assert saved.scheme.budget is None and saved.scheme.embedding.to_scheme().bits == int(record["embedding"]["chosen"][1])
+    qc = json.loads((tight.output_dir / "config.json").read_text())["quantization_config"]
+    assert qc["embedding"]["bits"] == saved.scheme.embedding.bits
+    assert "chose the token embedding's scheme too" in (tight.output_dir / "README.md").read_text()
+
+    roomy = llmq.run(_budget(tiny_model_dir, tmp_path / "roomy", calib, 1.0))
+    assert roomy.report["quantization"]["budget"]["embedding"]["chosen"] == "none (full precision)"
+    assert roomy.report["quantization"]["budget"]["sensitivity"]["cached"]  # the table's scores were cached too
+    assert "embedding" not in json.loads((roomy.output_dir / "config.json").read_text())["quantization_config"]
+
+
+def test_embedding_candidates_need_a_size_budget():
+    with pytest.raises(BadInputError, match="embedding: bits_per_weight counts the Linear layers only"):
+        llmq.Recipe.from_dict({"model": "m", "scheme": {"budget": {"bits_per_weight": 4, "embedding": ["W8"]}}})
+    with pytest.raises(BadInputError, match="give one of them"):
+        llmq.Recipe.from_dict({"model": "m", "scheme": {"embedding": "W8", "budget": {"size_mb": 9, "embedding": ["W8"]}}})
