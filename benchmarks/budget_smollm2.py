@@ -21,12 +21,13 @@ import torch
 
 import llmq
 from llmq import data, loading
-from llmq.checkpoint.safetensors_io import weights_bytes
+from llmq.checkpoint.safetensors_io import files_stamp, weights_bytes
 from llmq.evaluation.checkpoint_info import stored_bits_per_weight
 from llmq.evaluation.perplexity import perplexity
 
 HERE = Path(__file__).parent
 CANDIDATES = ["W2g64", "W3g64", "W3g128", "W4g64", "W4g128", "W8g128"]
+EMBEDDING_CANDIDATES = ["none", "W8", "W4g64"]
 
 
 def recipe(name: str, bits: int, out: Path, budget: dict | None = None, baseline: bool = False,
@@ -44,9 +45,16 @@ def recipe(name: str, bits: int, out: Path, budget: dict | None = None, baseline
 
 
 def fp32_perplexity(folder: Path) -> float:
+    """The protocol's perplexity in fp32; kept beside the checkpoint (keyed by its files), so --reuse does not
+    evaluate it again."""
+    saved, stamp = folder.parent / f"{folder.name}.fp32-ppl.json", files_stamp(folder)
+    if saved.is_file() and json.loads(saved.read_text()).get("files") == stamp:
+        return json.loads(saved.read_text())["ppl"]
     tok = loading.load_tokenizer(folder)
     windows = data.eval_windows(data.tokenize_corpus(tok, data.load_text("wiki")), 2048, 16)
-    return perplexity(loading.load_model(folder, dtype=torch.float32), windows, "wiki").ppl
+    ppl = perplexity(loading.load_model(folder, dtype=torch.float32), windows, "wiki").ppl
+    saved.write_text(json.dumps({"files": stamp, "ppl": ppl}))
+    return ppl
 
 
 def run(r: dict, reuse: bool) -> dict:
@@ -72,6 +80,10 @@ def run(r: dict, reuse: bool) -> dict:
         row.update(budget=b["budget"], allowed=b["allowed"], used=b["used"], counts=b["counts"],
                    sensitivity_s=b["sensitivity"]["seconds"], sensitivity_cached=bool(b["sensitivity"]["cached"]),
                    layers=b["layers"])
+        if "embedding" in b:
+            row["embedding_choice"] = {"chosen": b["embedding"]["chosen"], "candidates": b["embedding"]["candidates"]}
+    if "embedding" in q:
+        row["embedding"] = q["embedding"]["scheme"]
     print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
     return row
 
@@ -100,6 +112,10 @@ def main() -> None:
     # the token embedding quantized too (scheme.embedding, 8-bit per row; the tied lm_head reads the same table)
     rows.append(run_row("uniform-w4g64-fp16-emb-w8", 4, keep, dtype="float16", embedding="W8"))
     rows.append(run_row("budget-100mb-fp16-emb-w8", 4, keep, {"size_mb": 100}, dtype="float16", embedding="W8"))
+    # the budget chooses the table's scheme too (scheme.budget.embedding)
+    choice = {"embedding": EMBEDDING_CANDIDATES}
+    rows.append(run_row("budget-100mb-fp16-emb-choice", 4, keep, {"size_mb": 100, **choice}, dtype="float16"))
+    rows.append(run_row("budget-80mb-fp16-emb-choice", 4, keep, {"size_mb": 80, **choice}, dtype="float16"))
     gap = w3["ppl"] - w4["ppl"]
     for r in rows[2:5]:
         ref = w3 if "w3" in r["name"] else w4
@@ -122,6 +138,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         counts = ", ".join(f"{k}×{v}" for k, v in r.get("counts", {}).items() if v) or "uniform"
+        if r.get("embedding"):
+            counts += f"; embedding {r['embedding']}" + (" (chosen)" if r.get("embedding_choice") else "")
         vs = f"{r['ppl_vs_uniform']:+.1%}" if "ppl_vs_uniform" in r else "-"
         gap_closed = f"{r['gap_closed_vs_uniform_w3_to_w4']:.0%}" if "gap_closed_vs_uniform_w3_to_w4" in r else "-"
         sens = "-" if r.get("sensitivity_s") is None else f"{r['sensitivity_s']:.0f}" + (" (cached)" if r["sensitivity_cached"] else "")

@@ -108,13 +108,26 @@ def _add_eval(sub) -> None:
                                     "hash, suite, task, shots, limit, llmq and lm-eval versions and process count; a rerun "
                                     "is served from it. Runs data-parallel under `accelerate launch`.",
                         epilog="Examples: llmq eval smollm2-135m --suite quick; llmq eval out/gptq-w4g64 --suite leaderboard "
-                               "--limit 50 (stored as suite leaderboard-limit50); "
+                               "--limit 50 (stored as suite leaderboard-limit50); llmq eval out/w4 --tasks arc_easy,boolq "
+                               "--num-fewshot 5 --limit 0.1 --output-path out/w4-evals --log-samples; "
                                "accelerate launch --multi_gpu --num_processes 2 -m llmq.cli eval out/w4 --suite quick")
     ev.add_argument("checkpoint", help="a checkpoint folder, a built-in alias (smollm2-135m) or a hub id (online only)")
-    ev.add_argument("--suite", default="quick",
+    ev.add_argument("--suite",
                     help="a suite name (llmq/evaluation/suites: quick, leaderboard, leaderboard-cpu) or a suite .yaml "
                          "file. Default: quick")
-    ev.add_argument("--limit", type=int, help="documents per task (per subject for MMLU), replacing the suite's limits")
+    ev.add_argument("--tasks", help="comma-separated tasks instead of a suite, as lm-eval takes them: labels of the "
+                                    "offline task folder (arc_easy, boolq, hellaswag, ...) or lm-eval task names; a task "
+                                    "a packaged suite defines keeps its shots and metric, others are scored by acc")
+    ev.add_argument("--num-fewshot", type=int, help="few-shot examples for every task, replacing the suite's")
+    ev.add_argument("--limit", type=_limit,
+                    help="documents per task (per subject for MMLU), or a fraction of them below 1 (0.1), replacing the "
+                         "suite's limits")
+    ev.add_argument("--apply-chat-template", action="store_true",
+                    help="prompts through the tokenizer's chat template (instruct models), stored as its own suite (-chat)")
+    ev.add_argument("--output-path", help="also write the results as JSON: a .json file, or a folder (results.json in it)")
+    ev.add_argument("--log-samples", action="store_true",
+                    help="with --output-path: evaluate every task afresh and write lm-eval's per-document records, one "
+                         "samples_<task>.jsonl per task beside results.json")
     ev.add_argument("--word-perplexity", action="store_true",
                     help="also run lm-eval's word perplexity on the wiki articles (task llmq_wikitext; not the protocol's perplexity)")
     ev.add_argument("--store", help=STORE_HELP)
@@ -201,21 +214,39 @@ def _export_or_import(args) -> None:
         print(f"note: {note}")
 
 
+def _limit(text: str) -> int | float:
+    """--limit as lm-eval takes it: a count (50) or a fraction below 1 (0.1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of documents (50) or a fraction below 1 (0.1)") from None
+    return int(value) if value.is_integer() else value
+
+
 def _eval(args) -> None:
     from rich.console import Console
 
     from .evaluation import suite as suites
     from .evaluation.store import ResultsStore
-    from .evaluation.suite_run import evaluate_suite
+    from .evaluation.suite_run import evaluate_suite, suite_output, write_outputs
     from .reporting.tables import results_table
 
-    suite = suites.load(args.suite).with_limit(args.limit)
+    if args.tasks and args.suite:
+        raise BadInputError("--tasks and --suite both name what to run: give one")
+    if args.log_samples and not args.output_path:
+        raise BadInputError("--log-samples writes beside the results: give --output-path too")
+    suite = suites.from_tasks(args.tasks) if args.tasks else suites.load(args.suite or "quick")
+    suite = suite.with_shots(args.num_fewshot).with_limit(args.limit).with_chat_template(args.apply_chat_template)
     if args.word_perplexity and not any(t.task == "llmq_wikitext" for t in suite.tasks):
         suite = suite.model_copy(update={"tasks": [*suite.tasks, suites.TaskSpec(task="llmq_wikitext", metric="word_perplexity")]})
+    output = suite_output(args.output_path) if args.output_path else None  # a bad path fails before any work
     run = evaluate_suite(args.checkpoint, suite, ResultsStore(args.store), name=args.name, base=args.base,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, log_samples=args.log_samples)
     if run is not None:
         Console().print(results_table(run))
+        if output is not None:
+            written = write_outputs(run, suite, output)
+            print(f"results written: {', '.join(str(p) for p in written)}")
 
 
 def _leaderboard(args) -> None:

@@ -47,10 +47,11 @@ class TaskScore:
 
     task: str
     shots: int
-    limit: int | None
+    limit: int | float | None
     metrics: dict[str, float]
     samples: int  # documents scored (all subtasks of a group)
     seconds: float
+    logged: dict[str, list] | None = None  # with log_samples: lm-eval's per-document records, by (sub)task
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,10 +65,15 @@ def task_manager(include: tuple[str, ...] = ()):
     return TaskManager(include_path=[str(TASKS_DIR), *include], include_defaults=False)
 
 
+def task_names(include: tuple[str, ...] = ()) -> list[str]:
+    """Every task and group name lm-eval knows here (the offline task folder, plus `include`); not tags."""
+    manager = task_manager(include)
+    return sorted(set(manager.all_subtasks) | set(manager.all_groups))
+
+
 def check_tasks(tasks: list[str], include: tuple[str, ...] = ()) -> None:
     """Fail before any model is loaded when a task name is unknown, listing the ones that exist."""
-    manager = task_manager(include)
-    known = set(manager.all_subtasks) | set(manager.all_groups)  # not tags: one result per name
+    known = set(task_names(include))  # not tags: one result per name
     unknown = [t for t in tasks if t not in known]
     if unknown:
         shown = sorted(t for t in known if not t.startswith("llmq_mmlu_"))
@@ -123,8 +129,11 @@ def _is_bitsandbytes(model: torch.nn.Module) -> bool:
     return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
 
 
-def run_task(lm, task: str, shots: int, limit: int | None, include: tuple[str, ...] = ()) -> TaskScore | None:
-    """Score one task (or group) with lm-eval; None on the non-main processes of a data-parallel run."""
+def run_task(lm, task: str, shots: int, limit: int | float | None, include: tuple[str, ...] = (),
+             chat_template: bool = False, log_samples: bool = False) -> TaskScore | None:
+    """Score one task (or group) with lm-eval; None on the non-main processes of a data-parallel run. `limit`: a
+    number of documents, or a fraction of them (below 1); `chat_template`: prompts through the tokenizer's chat
+    template (lm-eval's apply_chat_template); `log_samples`: keep lm-eval's per-document records."""
     from lm_eval import simple_evaluate
 
     t0 = time.perf_counter()
@@ -133,11 +142,13 @@ def run_task(lm, task: str, shots: int, limit: int | None, include: tuple[str, .
         out = simple_evaluate(
             model=lm, tasks=[task], num_fewshot=shots, limit=limit, task_manager=task_manager(include),
             bootstrap_iters=BOOTSTRAP_ITERS, random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED,
-            fewshot_random_seed=SEED, log_samples=False, cache_requests=False,
+            fewshot_random_seed=SEED, log_samples=log_samples, cache_requests=False, apply_chat_template=chat_template,
         )
     if out is None:
         return None
-    return TaskScore(task, shots, limit, _metrics(out["results"][task]), _samples(out, task), time.perf_counter() - t0)
+    logged = out.get("samples") if log_samples else None
+    return TaskScore(task, shots, limit, _metrics(out["results"][task]), _samples(out, task), time.perf_counter() - t0,
+                     logged)
 
 
 def _metrics(row: dict[str, Any]) -> dict[str, float]:

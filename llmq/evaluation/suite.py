@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import BadInputError
 from ..recipe import PerplexityConfig, Strict, first_error, load_yaml
 from .harness import check_tasks as check_task_names
+from .harness import task_names
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"  # package data: a wheel carries it too
 
@@ -25,8 +26,13 @@ SUITES_DIR = Path(__file__).resolve().parent / "suites"  # package data: a wheel
 class TaskSpec(Strict):
     task: str = Field(min_length=1)  # lm-eval task or group name
     shots: int = Field(0, ge=0)
-    limit: int | None = Field(None, ge=1)  # documents (per subtask for a group); None = all
+    limit: int | float | None = None  # documents (per subtask for a group), or a fraction of them below 1; None = all
     metric: str = "acc"  # the number tables, averages and recovery use
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | float | None) -> int | float | None:
+        return None if v is None else check_limit(v)
 
     @property
     def label(self) -> str:
@@ -39,6 +45,7 @@ class Suite(Strict):
     perplexity: PerplexityConfig | None = None
     tasks: list[TaskSpec] = []
     include: list[str] = []  # extra lm-eval task folders, relative to the suite file
+    chat_template: bool = False  # prompts through the tokenizer's chat template (lm-eval's apply_chat_template)
 
     @model_validator(mode="after")
     def _distinct_labels(self) -> Suite:
@@ -48,15 +55,69 @@ class Suite(Strict):
             raise ValueError(f"tasks: {twice[0]!r} appears twice (tables and thresholds name tasks by label)")
         return self
 
-    def with_limit(self, limit: int | None) -> Suite:
-        """The same suite with every task's limit replaced (``--limit``), named ``<name>-limit<N>`` so that its
-        results never mix with the suite's own in the store or the leaderboard; unchanged for None."""
+    def with_limit(self, limit: int | float | None) -> Suite:
+        """The same suite with every task's limit replaced (``--limit``: documents, or a fraction of them below 1),
+        named ``<name>-limit<N>`` so that its results never mix with the suite's own in the store or the
+        leaderboard; unchanged for None."""
         if limit is None:
             return self
-        if limit < 1:
-            raise BadInputError(f"limit {limit}: expected a positive number of documents per task")
+        limit = check_limit(limit)
         tasks = [t.model_copy(update={"limit": limit}) for t in self.tasks]
         return self.model_copy(update={"name": f"{self.name}-limit{limit}", "tasks": tasks})
+
+    def with_shots(self, shots: int | None) -> Suite:
+        """Every task at `shots` few-shot examples (``--num-fewshot``), named ``<name>-<N>shot``; unchanged for None."""
+        if shots is None:
+            return self
+        if shots < 0:
+            raise BadInputError(f"num_fewshot {shots}: expected 0 or more examples")
+        tasks = [t.model_copy(update={"shots": shots}) for t in self.tasks]
+        return self.model_copy(update={"name": f"{self.name}-{shots}shot", "tasks": tasks})
+
+    def with_chat_template(self, on: bool) -> Suite:
+        """Prompts through the tokenizer's chat template (``--apply-chat-template``), named ``<name>-chat``."""
+        if not on or self.chat_template:
+            return self
+        return self.model_copy(update={"name": f"{self.name}-chat", "chat_template": True})
+
+
+def check_limit(limit: int | float) -> int | float:
+    """A limit as lm-eval reads it: a whole number of documents (1 or more), or a fraction of them in (0, 1)."""
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        raise BadInputError(f"limit {limit!r}: expected a number of documents or a fraction below 1")
+    if float(limit).is_integer() and limit >= 1:
+        return int(limit)
+    if 0 < limit < 1:
+        return float(limit)
+    raise BadInputError(f"limit {limit}: expected a positive number of documents per task, or a fraction in (0, 1)")
+
+
+def from_tasks(spec: str, check_tasks: bool = True) -> Suite:
+    """A suite of the comma-separated tasks in `spec` (``--tasks arc_easy,boolq``), by label or lm-eval task name. A
+    task a packaged suite defines keeps that suite's shots and metric; any other task of the offline task folder is
+    scored by accuracy at 0 shots. Named ``tasks-<labels>``, so its results keep their own rows in the store."""
+    labels = [t.strip() for t in spec.split(",") if t.strip()]
+    if not labels:
+        raise BadInputError(f"--tasks {spec!r}: name at least one task (comma-separated, e.g. arc_easy,boolq)")
+    known: dict[str, TaskSpec] = {}
+    for name in available():
+        for t in load(name, check_tasks=False).tasks:
+            known.setdefault(t.label, t.model_copy(update={"limit": None}))
+    offline = set(task_names())
+    tasks = []
+    for label in labels:
+        plain = label.removeprefix("llmq_")
+        if plain in known:
+            tasks.append(known[plain])
+        else:  # the offline folder names its tasks llmq_<label>
+            tasks.append(TaskSpec(task=f"llmq_{plain}" if f"llmq_{plain}" in offline else label))
+    try:
+        suite = Suite(name="tasks-" + "+".join(t.label for t in tasks), tasks=tasks)
+    except ValidationError as e:
+        raise BadInputError(f"--tasks {spec!r}: {first_error(e, Suite)}") from None
+    if check_tasks:
+        check_task_names([t.task for t in suite.tasks], ())
+    return suite
 
 
 def available() -> list[str]:

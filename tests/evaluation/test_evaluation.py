@@ -502,3 +502,57 @@ def test_leaderboard_files_and_the_page_renders_in_a_browser(tmp_path):
 
 def test_leaderboard_of_an_empty_suite_says_so(tmp_path):
     assert cli(["leaderboard", "--store", str(tmp_path / "none.jsonl"), "--suite", "quick", "--out", str(tmp_path / "lb")]) == 2
+
+
+def test_lm_eval_style_options(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--tasks without a suite file, --num-fewshot, a fractional --limit, --output-path and --log-samples, as lm-eval
+    users type them: the tasks keep the packaged suites' metrics, results go to the store under their own suite name,
+    the JSON and the per-document records are written, and a rerun is served from the store."""
+    store, out = tmp_path / "store.jsonl", tmp_path / "evals"
+    calls = []
+    real = harness.run_task
+    monkeypatch.setattr(harness, "run_task", lambda *a, **k: calls.append(a) or real(*a, **k))
+    args = ["eval", str(tiny_dir), "--tasks", "arc_easy,llmq_winogrande", "--num-fewshot", "1", "--limit", "0.01",
+            "--store", str(store)]
+    assert cli([*args, "--output-path", str(out), "--log-samples"]) == 0
+    assert [(a[1], a[2], a[3], a[5], a[6]) for a in calls] == [("llmq_arc_easy", 1, 0.01, False, True),
+                                                                ("llmq_winogrande", 1, 0.01, False, True)]
+    records = ResultsStore(store).results()
+    assert {r["suite"] for r in records} == {"tasks-arc_easy+winogrande-1shot-limit0.01"}
+    assert [r["metric"] for r in records] == ["acc_norm", "acc"]  # as the packaged suites score them
+    results = json.loads(next(out.glob("results_*.json")).read_text())
+    assert set(results["results"]) == {"arc_easy", "winogrande"} and results["suite"] == records[0]["suite"]
+    for r in records:
+        lines = (out / f"samples_{r['label']}.jsonl").read_text().splitlines()
+        assert len(lines) == r["samples"] == results["results"][r["label"]]["samples"] > 0
+        assert "doc" in json.loads(lines[0])
+    capsys.readouterr()
+
+    assert cli(args) == 0  # the same keys: served from the store
+    assert len(calls) == 2 and capsys.readouterr().err.count("served from the results store") == 2
+
+    fake = harness.TaskScore("llmq_boolq", 0, None, {"acc": 0.5}, 4, 0.1)
+    seen = []
+    monkeypatch.setattr(harness, "run_task", lambda *a, **k: seen.append(a) or fake)
+    assert cli(["eval", str(tiny_dir), "--tasks", "boolq", "--apply-chat-template", "--store", str(store)]) == 0
+    assert seen[0][5] is True  # the chat template reaches lm-eval
+    assert ResultsStore(store).results()[-1]["suite"] == "tasks-boolq-chat"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "arc_easy", "--suite", "quick"], "--tasks and --suite both name what to run"),
+    (["--tasks", "arc_easy", "--log-samples"], "--log-samples writes beside the results"),
+    (["--tasks", "no_such_task"], "unknown task 'no_such_task'"),
+    (["--tasks", "arc_easy", "--limit", "1.5"], "limit 1.5: expected a positive number of documents"),
+    (["--tasks", ","], "name at least one task"),
+])
+def test_lm_eval_style_option_errors(tiny_dir, tmp_path, capsys, args, message):
+    assert cli(["eval", str(tiny_dir), "--store", str(tmp_path / "s.jsonl"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_an_existing_results_file_is_not_overwritten(tiny_dir, tmp_path, capsys):
+    (tmp_path / "r.json").write_text("{}")
+    assert cli(["eval", str(tiny_dir), "--tasks", "arc_easy", "--output-path", str(tmp_path / "r.json")]) == 2
+    assert (tmp_path / "r.json").read_text() == "{}"
