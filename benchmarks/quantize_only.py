@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from llmq import calibration, loading
-from llmq.environment import DTYPES
+from llmq.environment import folder_dtype, output_dtype
 from llmq.io import partial_dir
 from llmq.model.resolve import resolve
 from llmq.pipeline import as_recipe
@@ -68,7 +68,7 @@ def main(recipe_path: str, out: str) -> dict:
         sampler.start()
         t = time.perf_counter()
         try:
-            recipe, record = budget.choose(recipe, base, calib, DTYPES[recipe.output.dtype], torch.device("cpu"))
+            recipe, record = budget.choose(recipe, base, calib, output_dtype(recipe.output.dtype, folder_dtype(base)), torch.device("cpu"))
         finally:
             sampler.__exit__()
         chose = {"budget_s": round(time.perf_counter() - t, 2), "sensitivity_s": record["sensitivity"]["seconds"],
@@ -78,7 +78,7 @@ def main(recipe_path: str, out: str) -> dict:
     sampler = RssSampler()
     sampler.start()
     try:
-        summary = blockwise.quantize_checkpoint(recipe, base, work, DTYPES[recipe.output.dtype], calib)
+        summary = blockwise.quantize_checkpoint(recipe, base, work, output_dtype(recipe.output.dtype, folder_dtype(base)), calib)
     finally:
         sampler.__exit__()
     tokenizer.save_pretrained(work)

@@ -32,6 +32,25 @@ def dtype_of_config(config: dict[str, Any]) -> torch.dtype:
     return DTYPES.get(dtype_name_of_config(config), torch.float32)
 
 
+def output_dtype(name: str, base: torch.dtype) -> torch.dtype:
+    """A recipe's output.dtype: the named one, or for `auto` the base model's own (`base`), so a bf16 model's
+    embeddings and norms are written in bf16, not widened to fp32 (float32 when the base is not a float type)."""
+    if name != "auto":
+        return DTYPES[name]
+    return base if base in DTYPES.values() else torch.float32
+
+
+def folder_dtype(folder: str | Path) -> torch.dtype:
+    """The dtype the checkpoint folder's config.json names (float32 when it names none)."""
+    import json
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    return dtype_of_config(config) if isinstance(config, dict) else torch.float32
+
+
 def dtype_name_of_config(config: dict[str, Any]) -> str:
     """config.json's `dtype` (or the older `torch_dtype`) as a plain name: 'float32', 'bfloat16', ..."""
     name = config.get("dtype") or config.get("torch_dtype") or "float32"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import data, formats
 from ..describe import scheme_words
-from ..environment import DTYPES
+from ..environment import folder_dtype, output_dtype
 from ..errors import BadInputError
 from ..evaluation import suite as suites
 from ..formats import bitsandbytes as bnb_format
@@ -41,7 +41,7 @@ def check_model_shapes(recipe: Recipe, folder: Path) -> dict[str, int]:
     schemes = check_against_layers(recipe, layers)
     embedding_plan(recipe, model)  # scheme.embedding's group size must divide the embedding width
     if recipe.scheme.budget is not None:  # a budget no candidate assignment can meet fails here
-        budget.plan_budget(recipe, model, linears, schemes, DTYPES[recipe.output.dtype])
+        budget.plan_budget(recipe, model, linears, schemes, output_dtype(recipe.output.dtype, folder_dtype(folder)))
     return {n: layers[n] for n in schemes}
 
 

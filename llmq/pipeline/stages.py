@@ -30,7 +30,7 @@ from rich.console import Console
 from .. import data
 from ..calibration import calibration_batches
 from ..describe import scheme_words
-from ..environment import DTYPES, default_device, is_main_process, world_size
+from ..environment import default_device, folder_dtype, is_main_process, output_dtype, world_size
 from ..errors import BadInputError
 from ..evaluation.gate import GateFailed
 from ..evaluation.gate import check as check_gate
@@ -85,7 +85,7 @@ class Job:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.recipe.output.dtype]
+        return output_dtype(self.recipe.output.dtype, folder_dtype(self.base_dir))
 
     @property
     def bitsandbytes(self) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint.hf import install_quantized
-from ..environment import DTYPES
+from ..environment import output_dtype
 from ..errors import BadInputError
 from ..methods import needs_calibration
 from ..model.structure import targeted_linears
@@ -28,7 +28,8 @@ def quantize(
         raise BadInputError("scheme.budget: the in-memory API takes schemes as given; a budget is chosen by `llmq run` "
                             "(its recipe.yaml then names every layer's scheme), or call llmq.quantization.budget.choose "
                             "on the base checkpoint first")
-    dtype = DTYPES[recipe.output.dtype]
+    base = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = output_dtype(recipe.output.dtype, base)
     layers = targeted_linears(model, recipe.targets, recipe.ignore)
     check_against_layers(recipe, {n: m.in_features for n, m in layers.items()})
     if needs_calibration(recipe.method) and calibration is None:

@@ -86,14 +86,14 @@ class EmbeddingCandidates:
 
 
 def cache_key(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[Scheme], layers: list[str],
-              embedding: EmbeddingCandidates | None = None) -> str:
+              scale_dtype: torch.dtype, embedding: EmbeddingCandidates | None = None) -> str:
     m = recipe.method
     parts = {
         "version": CACHE_VERSION, "base": files_stamp(base_dir), "layers": sorted(layers),
         "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest(), "shape": list(windows.shape),
         "batch_size": recipe.calibration.batch_size,
         "candidates": [[c.bits, c.group_size, c.symmetric] for c in cands],
-        "clip": [m.clip, m.clip_grid, m.clip_max_shrink, m.clip_norm], "scale_dtype": recipe.output.dtype,
+        "clip": [m.clip, m.clip_grid, m.clip_max_shrink, m.clip_norm], "scale_dtype": str(scale_dtype).removeprefix("torch."),
         "gptq": [m.init_method == "gptq", m.damp],
     }
     if embedding is not None:
@@ -110,7 +110,7 @@ def measure(recipe: Recipe, base_dir: Path, calibration: torch.Tensor, cands: li
     seconds, windows, whether it came from the cache, and `clusters` (the first block's Linear layers grouped by
     shared input, block-relative names: q/k/v, gate/up)."""
     windows = calibration[: recipe.scheme.budget.sensitivity_samples]
-    key = cache_key(recipe, base_dir, windows, cands, layers, embedding)
+    key = cache_key(recipe, base_dir, windows, cands, layers, scale_dtype, embedding)
     path = cache_dir() / "sensitivity" / f"{key}.json"
     expected = set(layers) | ({embedding.name} if embedding else set())
     if path.is_file():

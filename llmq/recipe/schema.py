@@ -432,7 +432,8 @@ class EvalConfig(PerplexityConfig):
 
 class OutputConfig(Strict):
     dir: str | None = None  # default: out/<recipe name>
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # the dtype of scales and unquantized tensors; auto = the base checkpoint's own (SmolLM2 built in: float32)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
 
 class Recipe(Strict):

@@ -305,3 +305,27 @@ def test_half_precision_output_round_trips(tiny_recipe, dtype):
     with torch.no_grad():
         assert torch.equal(reloaded(x).logits, in_memory(x).logits)
     assert result.metrics["quantized"]["ppl"] > 1
+
+
+def test_output_dtype_auto_follows_the_base_checkpoint(tmp_path):
+    """output.dtype defaults to auto: a bf16 base writes bf16 scales, embeddings and norms (not widened to fp32);
+    naming a dtype still wins; the in-memory API follows the model's own dtype."""
+    from safetensors import safe_open
+
+    from conftest import make_tiny_llama
+
+    base = tmp_path / "bf16"
+    make_tiny_llama(base).to(torch.bfloat16).save_pretrained(base)
+    assert llmq.Recipe.from_dict({"model": str(base)}).output.dtype == "auto"
+    dtypes = {}
+    for name, extra in (("auto", {}), ("fp32", {"dtype": "float32"})):
+        out = llmq.run({"model": str(base), "method": "rtn", "scheme": {"bits": 4, "group_size": 32}, "eval": None,
+                        "output": {"dir": str(tmp_path / name), **extra}}).output_dir
+        with safe_open(next(out.glob("*-00003-of-00003.safetensors")), "pt") as f:
+            dtypes[name] = (f.get_tensor("model.embed_tokens.weight").dtype, f.get_tensor("model.norm.weight").dtype)
+        with safe_open(next(out.glob("*-00001-of-00003.safetensors")), "pt") as f:
+            dtypes[name] += (f.get_tensor("model.layers.0.mlp.up_proj.scales").dtype,)
+    assert dtypes == {"auto": (torch.bfloat16,) * 3, "fp32": (torch.float32,) * 3}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16)
+    llmq.quantize(model, llmq.Recipe.from_dict({"model": str(base), "method": "rtn", "scheme": {"group_size": 32}}))
+    assert model.model.layers[0].mlp.up_proj.scales.dtype == torch.float16
