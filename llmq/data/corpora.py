@@ -14,9 +14,11 @@ reaches the Hugging Face hub:
 Cutting text into token windows is windows.py's job. Keeping calibration and evaluation text apart is the
 recipe's job.
 
+Conversations (``load_conversations``: .jsonl lines with a "messages" list) are read here as they are; rendering them
+through a tokenizer's chat template is calibration's job (calibration/batches.py).
+
 Deliberately not here: any download (hub datasets work only when the optional ``datasets`` package is installed
-and the machine is online), chat templates, BOS/EOS insertion, document-aware packing or sliding-window
-(strided) perplexity.
+and the machine is online), BOS/EOS insertion, document-aware packing or sliding-window (strided) perplexity.
 """
 
 from __future__ import annotations
@@ -108,6 +110,37 @@ def _jsonl_texts(spec: str, lines: Iterable[str]) -> Iterator[str]:
         if not isinstance(text, str):
             raise BadInputError(f"data spec {spec!r}: line {number} has no string \"text\" field")
         yield text
+
+
+def load_conversations(spec: str) -> list[list[dict[str, str]]]:
+    """The conversations of a .jsonl(.gz) file: one object with a "messages" list of {"role", "content"} per line (the
+    shape chat datasets and the tokenizers' chat templates use)."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise BadInputError(f"data spec {spec!r}: file not found (expected a .jsonl or .jsonl.gz file of conversations)")
+    out = []
+    try:
+        opener = gzip.open if spec.lower().endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    raise BadInputError(f"data spec {spec!r}: line {number} is not JSON") from None
+                messages = record.get("messages") if isinstance(record, dict) else None
+                if (not isinstance(messages, list) or not messages
+                        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                                   for m in messages)):
+                    raise BadInputError(f"data spec {spec!r}: line {number} has no \"messages\" list of {{\"role\", "
+                                        "\"content\"}} strings (calibration.chat_template reads conversations)")
+                out.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
+        raise BadInputError(f"data spec {spec!r}: cannot read it as utf-8 text ({type(e).__name__}: {e})") from None
+    if not out:
+        raise BadInputError(f"data spec {spec!r}: the file has no conversations")
+    return out
 
 
 def _hub_text(spec: str) -> str:

@@ -55,7 +55,8 @@ def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Re
         data.load_text(recipe.eval.data)  # a wrong data spec fails here, not after quantizing
         eval_suite(recipe)  # a wrong suite, task name or threshold key too
     if needs_calibration(recipe.method) or recipe.scheme.budget is not None:
-        data.load_text(recipe.calibration.data)
+        c = recipe.calibration
+        data.load_conversations(c.data) if c.chat_template else data.load_text(c.data)
     if recipe.training is not None:
         data.load_text(recipe.training.data)
     if check_model:

@@ -327,6 +327,16 @@ class CalibrationConfig(Strict):
     seqlen: int = Field(512, ge=8)
     seed: int = 0
     batch_size: int = Field(4, ge=1)  # windows per forward pass through a block (peak RSS: ~40 MB per window on SmolLM2, measured)
+    # conversations (.jsonl lines with a "messages" list) rendered through the tokenizer's chat template: instruct
+    # models calibrate on text shaped as they are used
+    chat_template: bool = False
+
+    @model_validator(mode="after")
+    def _conversations(self) -> CalibrationConfig:
+        if self.chat_template and not self.data.lower().endswith((".jsonl", ".jsonl.gz")):
+            raise ValueError(f"chat_template: true reads conversations from a .jsonl(.gz) file of \"messages\" lists, "
+                             f"not {self.data!r}")
+        return self
 
 
 class BudgetConfig(Strict):
@@ -559,6 +569,8 @@ class Recipe(Strict):
         for key in ("budget", "embedding"):
             if data["scheme"][key] is None:
                 del data["scheme"][key]
+        if not data["calibration"]["chat_template"]:
+            del data["calibration"]["chat_template"]
         return data
 
     def hash(self) -> str:

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import llmq
 from llmq import data
 from llmq.errors import BadInputError
 
@@ -167,3 +168,51 @@ def test_calibration_windows_seeded_real_slices():
     assert data.calibration_windows(ids[:65], 3, 64, seed=0).shape == (3, 64)  # seqlen + 1 tokens is enough
     with pytest.raises(BadInputError, match="seqlen"):
         data.calibration_windows(ids[:64], 1, 64, seed=0)
+
+
+CHAT = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+
+
+def _conversations(path, lines):
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return str(path)
+
+
+def test_chat_template_calibration_renders_conversations(tmp_path, tiny_model_dir):
+    """calibration.chat_template: the windows are drawn from the conversations rendered by the tokenizer's chat
+    template (role markers and special tokens as the model sees them), tokenized as one text."""
+    from transformers import AutoTokenizer
+
+    from llmq.calibration import calibration_batches
+    from llmq.recipe import CalibrationConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = CHAT
+    convo = [{"role": "user", "content": "Is the fox quick?"}, {"role": "assistant", "content": "The fox is quick."}]
+    spec = _conversations(tmp_path / "chat.jsonl", [{"messages": convo}] * 30)
+    cfg = CalibrationConfig(data=spec, n_samples=3, seqlen=16, chat_template=True)
+    windows = calibration_batches(cfg, tok)
+    rendered = tok(tok.apply_chat_template(convo, tokenize=False) * 30, add_special_tokens=False)["input_ids"]
+    assert windows.shape == (3, 16)
+    for w in windows.tolist():  # every window is a slice of the rendered conversations
+        assert any(rendered[i:i + 16] == w for i in range(len(rendered) - 15))
+    assert tok.bos_token_id in rendered and "user:" in tok.decode(rendered[:12])
+
+
+def test_chat_template_calibration_errors(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from llmq.calibration import calibration_batches
+    from llmq.recipe import CalibrationConfig, Recipe
+
+    with pytest.raises(BadInputError, match=r"chat_template: true reads conversations from a .jsonl"):
+        Recipe.from_dict({"model": "m", "calibration": {"data": "lambada", "chat_template": True}})
+    bad = _conversations(tmp_path / "bad.jsonl", [{"messages": [{"role": "user"}]}])
+    with pytest.raises(BadInputError, match='line 1 has no "messages" list'):
+        data.load_conversations(bad)
+    good = _conversations(tmp_path / "good.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(BadInputError, match="the model's tokenizer has no chat template"):
+        calibration_batches(CalibrationConfig(data=good, chat_template=True), AutoTokenizer.from_pretrained(tiny_model_dir))
+    with pytest.raises(BadInputError, match='line 1 has no "messages" list'):  # llmq validate reads them before work
+        llmq.validate({"model": str(tiny_model_dir), "method": "gptq", "eval": None,
+                       "calibration": {"data": bad, "chat_template": True}})

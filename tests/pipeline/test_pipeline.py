@@ -310,9 +310,8 @@ def test_half_precision_output_round_trips(tiny_recipe, dtype):
 def test_output_dtype_auto_follows_the_base_checkpoint(tmp_path):
     """output.dtype defaults to auto: a bf16 base writes bf16 scales, embeddings and norms (not widened to fp32);
     naming a dtype still wins; the in-memory API follows the model's own dtype."""
-    from safetensors import safe_open
-
     from conftest import make_tiny_llama
+    from safetensors import safe_open
 
     base = tmp_path / "bf16"
     make_tiny_llama(base).to(torch.bfloat16).save_pretrained(base)
