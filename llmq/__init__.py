@@ -3,6 +3,8 @@
     import llmq
     result = llmq.run("recipes/quickstart.yaml")          # quantize, save, reload, evaluate, report
     model = llmq.load("out/quickstart")                   # == AutoModelForCausalLM.from_pretrained, checked
+    model = AutoModelForCausalLM.from_pretrained("some/model", quantization_config=llmq.LlmqConfig(bits=4, group_size=128))
+                                                          # RTN while loading, one weight at a time
 
 Importing llmq registers `quant_method: "llmq"` with transformers, so `AutoModelForCausalLM.from_pretrained`
 loads llmq checkpoints as QuantLinear layers. `llmq.formats` exports them to GPTQ / compressed-tensors and imports
@@ -11,6 +13,7 @@ those formats back. Messages go to the "llmq" logger (silence it with logging.ge
 
 from . import calibration, formats
 from .checkpoint import hf as _hf
+from .checkpoint.config import LlmqConfig
 from .errors import BadInputError, LlmqError
 from .loading import load_model as load
 from .numerics import QWeight, Scheme
@@ -21,6 +24,6 @@ from .version import __version__
 _hf.register()
 
 __all__ = [
-    "BadInputError", "LlmqError", "QWeight", "Recipe", "Scheme", "__version__",
+    "BadInputError", "LlmqConfig", "LlmqError", "QWeight", "Recipe", "Scheme", "__version__",
     "calibration", "formats", "load", "quantize", "run", "validate",
 ]

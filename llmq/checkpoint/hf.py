@@ -20,21 +20,25 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
-from .. import kernels
-from ..errors import LlmqError
+from .. import kernels, numerics
+from ..errors import BadInputError, LlmqError
 from ..model.structure import input_embedding, targeted_linears
-from ..numerics import QWeight, Scheme
+from ..numerics import SUPPORTED_BITS, QWeight, Scheme
 from .config import LAYER_KEYS, QUANT_METHOD, EmbeddingPlan, LlmqConfig
 from .quant_embedding import replace_embedding
 from .quant_linear import QuantLinear, replace_linears
 
 
 class LlmqHfQuantizer(HfQuantizer):
-    """Loads pre-quantized llmq checkpoints (llmq quantizes through `llmq run`, not at load time)."""
+    """Loads llmq checkpoints; and, given `quantization_config=LlmqConfig(...)` for a full-precision model, quantizes
+    it while loading (RTN, min-max: what `llmq run` with method rtn writes), one weight at a time as transformers
+    reads it, so the full-precision model is never held whole."""
 
-    requires_calibration = True
+    requires_calibration = False  # llmq's calibrated methods run through `llmq run`; RTN needs no data
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if not self.pre_quantized:
+            return self._prepare_quantize_on_load(model)
         cfg: LlmqConfig = self.quantization_config
         layers = targeted_linears(model, cfg.targets, cfg.ignore)
         names = sorted(layers)
@@ -56,11 +60,43 @@ class LlmqHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            self._finish_quantize_on_load(model)
         kernels.prepare(model)  # packed copies built now, so a torch.compile of the loaded model traces no set-up
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        return False
+        layer, _, leaf = param_name.rpartition(".")
+        return not self.pre_quantized and leaf == "weight" and layer in getattr(self, "_on_load", {})
+
+    def get_quantize_ops(self):
+        return QuantizeOnLoad(self)
+
+    def _prepare_quantize_on_load(self, model):
+        cfg: LlmqConfig = self.quantization_config
+        if cfg.layers or cfg.embedding or cfg.g_idx or cfg.format != "int":
+            raise BadInputError("quantize on load takes one integer scheme (bits, group_size, sym, targets, ignore); "
+                                "per-layer schemes, embeddings and act order are written by `llmq run`")
+        layers = targeted_linears(model, cfg.targets, cfg.ignore)
+        if not layers:
+            raise BadInputError(f"LlmqConfig targets {cfg.targets} / ignore {cfg.ignore} select no Linear layer")
+        scheme = cfg.scheme
+        if scheme.bits not in SUPPORTED_BITS:
+            raise BadInputError(f"LlmqConfig bits {scheme.bits}: expected one of {SUPPORTED_BITS}")
+        for name, layer in layers.items():
+            if scheme.group_size is not None and layer.in_features % scheme.group_size:
+                raise BadInputError(f"LlmqConfig group_size {scheme.group_size} does not divide in_features "
+                                    f"{layer.in_features} of {name}")
+        self._on_load = {name: layer.bias is not None for name, layer in layers.items()}
+        return model
+
+    def _finish_quantize_on_load(self, model) -> None:
+        left = [n for n, m in model.named_modules() if n in self._on_load and not isinstance(m, QuantLinear)]
+        if left:
+            raise LlmqError(f"quantize on load: {left[0]} was not in the checkpoint's weights; nothing was quantized for it")
+        cfg: LlmqConfig = self.quantization_config
+        model.config.quantization_config = LlmqConfig.from_scheme(cfg.scheme, cfg.targets, cfg.ignore, False)
+        self.quantization_config = model.config.quantization_config
 
     def is_serializable(self) -> bool:
         return True
@@ -161,3 +197,37 @@ def register() -> None:
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LlmqHfQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         register_quantizer(QUANT_METHOD)(LlmqHfQuantizer)
+
+
+class QuantizeOnLoad:
+    """transformers' conversion op for quantize on load: one Linear weight as read from the checkpoint → the
+    QuantLinear that replaces the layer (its bias, read separately, lands in the new layer), returned as the packed
+    buffers transformers then assigns."""
+
+    def __init__(self, quantizer: LlmqHfQuantizer):
+        self.quantizer = quantizer
+
+    def convert(self, input_dict: dict, model=None, full_layer_name: str | None = None, missing_keys=None,
+                **kwargs) -> dict:
+        from ..methods.rtn import quantize_weight
+        from ..recipe import MethodConfig
+
+        out = {}
+        scheme = self.quantizer.quantization_config.scheme
+        for param_name, value in input_dict.items():
+            w = value[0] if isinstance(value, list) else value
+            layer_name = param_name.rpartition(".")[0]
+            parent_name, _, child = layer_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, child)
+            dtype = old.weight.dtype
+            qw = quantize_weight(w.detach().float(), scheme, MethodConfig(), dtype)
+            layer = QuantLinear(old.in_features, old.out_features, old.bias is not None, scheme, dtype,
+                                device=w.device)
+            if old.bias is not None and not old.bias.is_meta:  # the bias was read before the weight
+                layer.bias = old.bias
+            setattr(parent, child, layer)
+            if missing_keys is not None:
+                missing_keys.discard(param_name)  # read: it is the packed buffers now
+            out.update({f"{layer_name}.{k}": t for k, t in numerics.pack_qweight(qw, scheme, dtype).items()})
+        return out
