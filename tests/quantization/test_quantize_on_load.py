@@ -28,9 +28,8 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def biased_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2: q/k/v have biases, the head is untied."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from conftest import make_tokenizer
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny-qwen2")
     tok = make_tokenizer(folder)
