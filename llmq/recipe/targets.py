@@ -2,7 +2,8 @@
 on a meta-device skeleton, before any weight is read).
 
 Patterns are Python regexes matched against the full module name; llm-compressor's spelling `re:<regex>` is
-accepted too, with its meaning (matched from the start of the name, not necessarily to its end). Per-layer overrides (`overrides:` in a recipe) are tried in order and the first one whose targets
+accepted too, with its meaning (matched from the start of the name, not necessarily to its end), and so is its
+class-name target `Linear` (every Linear layer). Per-layer overrides (`overrides:` in a recipe) are tried in order and the first one whose targets
 match a layer decides it: another scheme, or `skip` (the layer keeps its full-precision weights).
 """
 
@@ -20,7 +21,10 @@ logger = logging.getLogger(__name__)
 
 def pattern(p: str) -> str:
     """The full-match regex of a target pattern. Plain patterns match the whole module name; llm-compressor's
-    `re:<regex>` matches from the start of the name, as compressed-tensors matches it (re.match)."""
+    `re:<regex>` matches from the start of the name, as compressed-tensors matches it (re.match), and its class-name
+    target `Linear` selects every Linear layer (only Linear layers are ever targeted)."""
+    if p == "Linear":
+        return ".*"
     return f"(?:{p[3:]}).*" if p.startswith("re:") else p
 
 

@@ -166,3 +166,15 @@ def test_recipe_yaml_round_trip(tmp_path):
     p.write_text(yaml.safe_dump(r.to_dict()))
     assert Recipe.from_yaml(p).hash() == r.hash()
 
+
+
+def test_llm_compressor_target_spellings():
+    """`re:<regex>` matches from the start of the name (re.match); the class name `Linear` selects every Linear layer;
+    plain patterns match the whole name."""
+    from llmq.recipe.targets import is_targeted, matches
+
+    name = "model.layers.0.mlp.down_proj"
+    assert matches(name, ["re:.*mlp"]) and not matches(name, [".*mlp"])
+    assert matches(name, ["Linear"]) and is_targeted("lm_head", ["Linear"], []) and not is_targeted("lm_head", ["Linear"], ["lm_head"])
+    r = Recipe.from_dict({"model": "m", "targets": ["Linear"], "ignore": ["re:lm_head"]})
+    assert r.is_targeted(name) and not r.is_targeted("lm_head")
