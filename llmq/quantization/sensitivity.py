@@ -17,6 +17,10 @@ Per block this costs one pass to collect the Hessians on `sensitivity_samples` w
 forward per layer on the first GAIN_WINDOWS windows, and an RTN of each layer per candidate: less than GPTQ's block
 walk (benchmarks/results/budget_smollm2.md).
 
+A budget that chooses the token embedding's scheme too (`budget.embedding`) gets its scores in the same unit
+(`_EmbeddingProbe`): the first block's relative output error with the table at each candidate, plus, when the
+output projection is tied to the table, the logits' relative error on the last hidden states.
+
 Scores are cached in $LLMQ_CACHE/sensitivity, keyed by the base checkpoint's files, the calibration windows used,
 the candidates and the clipping settings, so trying a second budget measures nothing again.
 """
@@ -43,7 +47,7 @@ from ..io import write_json_atomic
 from ..methods.gptq import Hessian, inverse_factor
 from ..methods.rtn import quantize_weight
 from ..model.structure import decoder_blocks
-from ..numerics import Scheme
+from ..numerics import QWeight, Scheme
 from ..recipe import Recipe
 from .blockwise import meta_model, unique_state_keys
 
@@ -199,8 +203,8 @@ class _EmbeddingProbe:
     the full-precision model's final normed hidden states h."""
 
     candidates: EmbeddingCandidates
-    weights: list[torch.Tensor | None]  # each candidate's dequantized table (None: full precision)
-    fed: list[Any]  # the first block's inputs with each candidate's table
+    tables: list[QWeight | None]  # each candidate's table as integers (None: full precision), 4x smaller than floats
+    fed: list[Any]  # the first block's inputs with each candidate's table (None: full precision)
     scores: list[float]
 
     @classmethod
@@ -209,19 +213,23 @@ class _EmbeddingProbe:
         if embedding is None:
             return None
         table = model.get_submodule(embedding.name)
-        w = table.weight.data.clone()
-        weights, fed = [], []
+        w = table.weight.data
+        tables, fed = [], []
         for c in embedding.schemes:
-            dq = None if c is None else numerics.dequantize(quantize_weight(w, c, recipe.method, scale_dtype), c)
-            table.weight.data = w if dq is None else dq
-            fed.append(capture_inputs(model, first_block, [windows], device))
-            weights.append(dq)
-        table.weight.data = w
-        return cls(embedding, weights, fed, [0.0] * len(weights))
+            qw = None if c is None else quantize_weight(w, c, recipe.method, scale_dtype)
+            if qw is not None:
+                table.weight.data = numerics.dequantize(qw, c)
+                fed.append(capture_inputs(model, first_block, [windows], device))
+                table.weight.data = w
+            else:
+                fed.append(None)
+            tables.append(qw)
+        return cls(embedding, tables, fed, [0.0] * len(tables))
 
     def score_input(self, block, reference: list[torch.Tensor]) -> None:
         for c, inputs in enumerate(self.fed):
-            self.scores[c] += 0.0 if self.weights[c] is None else relative_error(inputs.outputs(block), reference)
+            if inputs is not None:
+                self.scores[c] += relative_error(inputs.outputs(block), reference)
         self.fed = []
 
     def score_output(self, model, reader: CheckpointReader, last_outputs: list[torch.Tensor], device) -> None:
@@ -236,8 +244,9 @@ class _EmbeddingProbe:
         w = model.get_submodule(self.candidates.name).weight.data
         h = [norm(o) for o in last_outputs]
         reference = [x @ w.t() for x in h]
-        for c, dq in enumerate(self.weights):
-            if dq is not None:
+        for c, qw in enumerate(self.tables):
+            if qw is not None:
+                dq = numerics.dequantize(qw, self.candidates.schemes[c])
                 self.scores[c] += relative_error([x @ dq.t() for x in h], reference)
 
 
