@@ -214,7 +214,7 @@ def _model_bytes(model: torch.nn.Module) -> int:
 def _served_by(model: torch.nn.Module) -> dict[str, int]:
     counts: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear) and getattr(m, "serves_head", True):  # an untied quantized embedding: no matmul
             name = kernels.name_of(m.kernel)
             if name == "cpu":
                 packed = m.__dict__.get(cpu.ATTR)

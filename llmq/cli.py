@@ -124,10 +124,11 @@ def _add_eval(sub) -> None:
                          "suite's limits")
     ev.add_argument("--apply-chat-template", action="store_true",
                     help="prompts through the tokenizer's chat template (instruct models), stored as its own suite (-chat)")
-    ev.add_argument("--output-path", help="also write the results as JSON: a .json file, or a folder (results.json in it)")
+    ev.add_argument("--output-path", help="also write the results as JSON: a .json file (refused if it exists), or a "
+                                          "folder (a new results_<time>.json in it)")
     ev.add_argument("--log-samples", action="store_true",
                     help="with --output-path: evaluate every task afresh and write lm-eval's per-document records, one "
-                         "samples_<task>.jsonl per task beside results.json")
+                         "samples_<task>_<time>.jsonl per task beside the results")
     ev.add_argument("--word-perplexity", action="store_true",
                     help="also run lm-eval's word perplexity on the wiki articles (task llmq_wikitext; not the protocol's perplexity)")
     ev.add_argument("--store", help=STORE_HELP)
@@ -228,7 +229,8 @@ def _eval(args) -> None:
 
     from .evaluation import suite as suites
     from .evaluation.store import ResultsStore
-    from .evaluation.suite_run import evaluate_suite, suite_output, write_outputs
+    from .evaluation.suite_run import evaluate_suite, samples_path, suite_output, write_outputs
+    from .io import check_output_file
     from .reporting.tables import results_table
 
     if args.tasks and args.suite:
@@ -240,6 +242,9 @@ def _eval(args) -> None:
     if args.word_perplexity and not any(t.task == "llmq_wikitext" for t in suite.tasks):
         suite = suite.model_copy(update={"tasks": [*suite.tasks, suites.TaskSpec(task="llmq_wikitext", metric="word_perplexity")]})
     output = suite_output(args.output_path) if args.output_path else None  # a bad path fails before any work
+    if output is not None and args.log_samples:
+        for t in suite.tasks:
+            check_output_file(samples_path(output, t.task), overwrite=False)
     run = evaluate_suite(args.checkpoint, suite, ResultsStore(args.store), name=args.name, base=args.base,
                          batch_size=args.batch_size, log_samples=args.log_samples)
     if run is not None:

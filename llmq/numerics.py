@@ -130,6 +130,12 @@ def _expand(t: Tensor, g_idx: Tensor | None, in_features: int, scheme: Scheme) -
     return t[:, g_idx.long()]
 
 
+def stored_scales(scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """Scales as they will be read back from `dtype` (what is stored is what the codes must fit), in fp32; a tiny
+    scale never rounds to zero in fp16 / bf16."""
+    return scales.to(dtype).float().clamp_min(torch.finfo(dtype).tiny)
+
+
 def zero_values(zeros: Tensor | None, scales: Tensor, scheme: Scheme) -> Tensor:
     """Zero points as floats shaped like `scales`: the stored ones, or 2**(bits-1) for symmetric schemes."""
     if zeros is None:

@@ -44,7 +44,7 @@ class LlmqConfig(QuantizationConfigMixin):
         g_idx: bool = False,
         layers: dict[str, dict[str, Any]] | None = None,
         embedding: dict[str, Any] | None = None,
-        format_version: int = 1,
+        format_version: int | None = None,
         llmq_version: str | None = None,
         **kwargs: Any,
     ):
@@ -54,6 +54,8 @@ class LlmqConfig(QuantizationConfigMixin):
         self.ignore = list(ignore) if ignore is not None else [r"lm_head"]
         self.g_idx = g_idx
         self.layers = {name: dict(v) for name, v in (layers or {}).items()}  # layer -> {bits, group_size, sym}
+        # not given (a config made in code): the lowest version that holds it; read from a file: as written
+        format_version = format_version if format_version is not None else 3 if embedding else 2 if layers else 1
         self.format_version = format_version
         if self.layers and format_version < 2:
             raise LlmqError(f"quantization_config: per-layer schemes (layers) need format_version 2, got {format_version}")

@@ -143,10 +143,7 @@ def install_quantized(
 
 def _check_embedding(model: torch.nn.Module, embedding: EmbeddingPlan) -> None:
     """The config's embedding must be this model's token embedding, and its tied head the one the model ties."""
-    name, _ = input_embedding(model)
-    head = model.get_output_embeddings() if getattr(model.config, "tie_word_embeddings", False) else None
-    # the skeleton is not tied yet when this runs (transformers ties after loading): the config says whether it will be
-    tied = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    name, tied = input_embedding(model)
     if embedding.name != name or embedding.tied_head != tied:
         raise LlmqError(f"quantization_config.embedding names {embedding.name} (tied head {embedding.tied_head}), but "
                         f"this model's token embedding is {name} (tied head {tied}): a damaged or foreign config")
@@ -209,9 +206,6 @@ class QuantizeOnLoad:
 
     def convert(self, input_dict: dict, model=None, full_layer_name: str | None = None, missing_keys=None,
                 **kwargs) -> dict:
-        from ..methods.rtn import quantize_weight
-        from ..recipe import MethodConfig
-
         out = {}
         scheme = self.quantizer.quantization_config.scheme
         for param_name, value in input_dict.items():
@@ -221,7 +215,9 @@ class QuantizeOnLoad:
             parent = model.get_submodule(parent_name) if parent_name else model
             old = getattr(parent, child)
             dtype = old.weight.dtype
-            qw = quantize_weight(w.detach().float(), scheme, MethodConfig(), dtype)
+            w = w.detach().float()  # RTN with min-max qparams, scales as stored: method rtn's defaults, from numerics
+            scales, zeros = numerics.minmax_qparams(w, scheme)
+            qw = numerics.quantize(w, scheme, numerics.stored_scales(scales, dtype), zeros)
             layer = QuantLinear(old.in_features, old.out_features, old.bias is not None, scheme, dtype,
                                 device=w.device)
             if old.bias is not None and not old.bias.is_meta:  # the bias was read before the weight

@@ -81,7 +81,8 @@ class TiedQuantHead(nn.Module):
         return self.embedding.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding.project(x)
+        device = self.embedding.qweight.device  # a device map may place the head apart from the table it reads
+        return self.embedding.project(x.to(device)).to(x.device)
 
     def extra_repr(self) -> str:
         return "tied to the quantized embedding"

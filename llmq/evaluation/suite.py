@@ -32,7 +32,10 @@ class TaskSpec(Strict):
     @field_validator("limit")
     @classmethod
     def _limit(cls, v: int | float | None) -> int | float | None:
-        return None if v is None else check_limit(v)
+        try:
+            return None if v is None else check_limit(v)
+        except BadInputError as e:
+            raise ValueError(str(e)) from None
 
     @property
     def label(self) -> str:
@@ -75,10 +78,14 @@ class Suite(Strict):
         return self.model_copy(update={"name": f"{self.name}-{shots}shot", "tasks": tasks})
 
     def with_chat_template(self, on: bool) -> Suite:
-        """Prompts through the tokenizer's chat template (``--apply-chat-template``), named ``<name>-chat``."""
-        if not on or self.chat_template:
-            return self
-        return self.model_copy(update={"name": f"{self.name}-chat", "chat_template": True})
+        """Prompts through the tokenizer's chat template (``--apply-chat-template``)."""
+        return self.model_copy(update={"chat_template": True}) if on else self
+
+    @property
+    def store_name(self) -> str:
+        """The suite's name in the results store: ``<name>-chat`` with the chat template, so that the two prompt forms
+        never share results (whether the template was set here or in the suite file)."""
+        return f"{self.name}-chat" if self.chat_template and not self.name.endswith("-chat") else self.name
 
 
 def check_limit(limit: int | float) -> int | float:
@@ -93,16 +100,17 @@ def check_limit(limit: int | float) -> int | float:
 
 
 def from_tasks(spec: str, check_tasks: bool = True) -> Suite:
-    """A suite of the comma-separated tasks in `spec` (``--tasks arc_easy,boolq``), by label or lm-eval task name. A
-    task a packaged suite defines keeps that suite's shots and metric; any other task of the offline task folder is
-    scored by accuracy at 0 shots. Named ``tasks-<labels>``, so its results keep their own rows in the store."""
+    """A suite of the comma-separated tasks in `spec` (``--tasks arc_easy,boolq``), by label or lm-eval task name, at
+    0 shots (lm-eval's default for these tasks; ``with_shots`` for others). A task the packaged suites define is
+    scored by the metric they use (quick's first), any other by accuracy. Named ``tasks-<labels>``, so its results
+    keep their own rows in the store."""
     labels = [t.strip() for t in spec.split(",") if t.strip()]
     if not labels:
         raise BadInputError(f"--tasks {spec!r}: name at least one task (comma-separated, e.g. arc_easy,boolq)")
     known: dict[str, TaskSpec] = {}
-    for name in available():
+    for name in sorted(available(), key=lambda n: n != "quick"):
         for t in load(name, check_tasks=False).tasks:
-            known.setdefault(t.label, t.model_copy(update={"limit": None}))
+            known.setdefault(t.label, TaskSpec(task=t.task, metric=t.metric))
     offline = set(task_names())
     tasks = []
     for label in labels:

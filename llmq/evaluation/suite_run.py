@@ -57,13 +57,13 @@ def evaluate_suite(
     folder = resolve(spec)
     digest = checkpoint_hash(folder)
     info = describe_checkpoint(spec, folder, name, base)
-    run = SuiteRun(info, digest, suite.name)
+    run = SuiteRun(info, digest, suite.store_name)
     ppl = suite.perplexity
     plan = []  # (label, key, TaskSpec | None for perplexity, stored record | None)
     if ppl is not None:
-        plan.append((f"ppl_{ppl.data}", Key(digest, suite.name, f"ppl:{ppl.data}:{ppl.seqlen}", 0, ppl.max_windows, __version__), None))
+        plan.append((f"ppl_{ppl.data}", Key(digest, run.suite, f"ppl:{ppl.data}:{ppl.seqlen}", 0, ppl.max_windows, __version__), None))
     for t in suite.tasks:
-        plan.append((t.label, Key(digest, suite.name, t.task, t.shots, t.limit, __version__, lm_eval, procs), t))
+        plan.append((t.label, Key(digest, run.suite, t.task, t.shots, t.limit, __version__, lm_eval, procs), t))
     # Every process reads the store before any of them evaluates: results are written only after a task's
     # collective scoring ends, so all processes agree on what is missing.
     stored = store.get_many([key for _, key, _ in plan]) if not log_samples else [None] * len(plan)
@@ -108,7 +108,8 @@ def evaluate_suite(
 
 def suite_output(path: str | Path) -> Path:
     """Where `llmq eval --output-path` writes: the .json file named (refused if it exists: nothing is overwritten
-    silently), or a new results_<time>.json in the folder named, as lm-eval names its own."""
+    silently), or a new results_<time>.json in the folder named, as lm-eval names its own. Logged samples go beside
+    it as samples_<task>_<same stem suffix>.jsonl (`samples_path`)."""
     path = Path(path).expanduser()
     if path.suffix == ".json":
         check_output_file(path, overwrite=False)
@@ -116,6 +117,11 @@ def suite_output(path: str | Path) -> Path:
     if path.exists() and not path.is_dir():
         raise BadInputError(f"--output-path {path}: a file that is not .json; give a folder or a .json file")
     return path / f"results_{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H-%M-%S')}.json"
+
+
+def samples_path(results: Path, task: str) -> Path:
+    """The per-document records of `task` beside `results`, named after it (results_T.json → samples_<task>_T.jsonl)."""
+    return results.with_name(f"samples_{task.removeprefix('llmq_')}_{results.stem.removeprefix('results_')}.jsonl")
 
 
 def write_outputs(run: SuiteRun, suite, results: Path) -> list[Path]:
@@ -135,7 +141,7 @@ def write_outputs(run: SuiteRun, suite, results: Path) -> list[Path]:
     written = [results]
     for label, by_task in run.logged.items():
         for task, records in by_task.items():
-            path = results.parent / f"samples_{task.removeprefix('llmq_')}.jsonl"
+            path = samples_path(results, task)
             check_output_file(path, overwrite=False)
             lines = [json.dumps(rec, default=str) for rec in records]
             written.append(write_text_atomic(path, "\n".join(lines) + "\n"))

@@ -34,7 +34,7 @@ def layer_qparams(
         )
     else:
         scales, zeros = numerics.minmax_qparams(w, scheme)
-    return scales.to(scale_dtype).float().clamp_min(torch.finfo(scale_dtype).tiny), zeros
+    return numerics.stored_scales(scales, scale_dtype), zeros
 
 
 def quantize_weight(w: torch.Tensor, scheme: Scheme, method: MethodConfig, scale_dtype: torch.dtype) -> QWeight:

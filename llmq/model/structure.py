@@ -56,19 +56,26 @@ def targeted_linears(model: nn.Module, targets: list[str], ignore: list[str]) ->
 
 
 def _tied_output_embedding(model: nn.Module) -> str | None:
+    """The output projection tied to the input embedding, by name: the same weight tensor, or, in a skeleton that
+    from_pretrained has not tied yet, transformers' own tie mapping (`all_tied_weights_keys`)."""
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
     if get_in is None or get_out is None or get_out() is None or get_in() is None:
         return None
-    if get_out().weight is get_in().weight:
-        return next(n for n, m in model.named_modules() if m is get_out())
-    return None
+    out_name = next(n for n, m in model.named_modules() if m is get_out())
+    if getattr(get_out(), "weight", None) is getattr(get_in(), "weight", False):
+        return out_name
+    in_name = next(n for n, m in model.named_modules() if m is get_in())
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+    return out_name if ties.get(f"{out_name}.weight") == f"{in_name}.weight" else None
 
 
 def input_embedding(model: nn.Module) -> tuple[str, str | None]:
     """(full name of the token embedding, full name of the output projection tied to it, or None when untied)."""
     get_in = getattr(model, "get_input_embeddings", None)
     emb = get_in() if get_in is not None else None
-    if not isinstance(emb, nn.Embedding):
-        raise BadInputError(f"{type(model).__name__}: found no token embedding (nn.Embedding) to quantize; leave "
-                            "scheme.embedding out")
+    # exactly nn.Embedding: subclasses (Gemma's scaled embedding multiplies by sqrt(hidden)) compute more than a lookup
+    if type(emb) is not nn.Embedding or emb.max_norm is not None:
+        found = type(emb).__name__ if emb is not None else "none"
+        raise BadInputError(f"{type(model).__name__}: its token embedding ({found}) is not a plain nn.Embedding lookup, "
+                            "which is all a quantized embedding reproduces; keep the embedding in full precision")
     return next(n for n, m in model.named_modules() if m is emb), _tied_output_embedding(model)

@@ -204,15 +204,15 @@ def _header_bits(model: nn.Module, quantized: set[str], has_g_idx: bool, embeddi
 def _other_tensor_bits(model: nn.Module, quantized: set[str], dtype: torch.dtype) -> int:
     """Bits of every tensor an llmq checkpoint stores besides the quantized weights: floating parameters in `dtype`
     (tied ones once), persistent buffers as they are."""
-    seen, bits = set(), 0
+    state = model.state_dict(keep_vars=True)
+    # a tied head's weight is the quantized embedding's tensor: skipped by identity, whichever name comes first
+    seen = {id(t) for name, t in state.items() if name.rpartition(".")[0] in quantized and name.endswith(".weight")}
+    bits = 0
     dtype_bits = torch.finfo(dtype).bits
-    for name, t in model.state_dict(keep_vars=True).items():
-        layer, _, leaf = name.rpartition(".")
+    for t in state.values():
         if id(t) in seen:
             continue
-        seen.add(id(t))  # before the skip below: a tied head's weight is the quantized embedding's, counted there
-        if layer in quantized and leaf == "weight":
-            continue
+        seen.add(id(t))
         bits += t.numel() * (dtype_bits if t.is_floating_point() else t.element_size() * 8)
     return bits
 

@@ -205,7 +205,7 @@ class _EmbeddingProbe:
     candidates: EmbeddingCandidates
     tables: list[QWeight | None]  # each candidate's table as integers (None: full precision), 4x smaller than floats
     fed: list[Any]  # the first block's inputs with each candidate's table (None: full precision)
-    scores: list[float]
+    scores: list[float | None]  # None: the candidate does not fit the table's width (not offered)
 
     @classmethod
     def start(cls, model, first_block, windows: torch.Tensor, embedding: EmbeddingCandidates | None, recipe: Recipe,
@@ -216,7 +216,8 @@ class _EmbeddingProbe:
         w = table.weight.data
         tables, fed = [], []
         for c in embedding.schemes:
-            qw = None if c is None else quantize_weight(w, c, recipe.method, scale_dtype)
+            fits = c is not None and (c.group_size is None or w.shape[1] % c.group_size == 0)  # else not offered
+            qw = quantize_weight(w, c, recipe.method, scale_dtype) if fits else None
             if qw is not None:
                 table.weight.data = numerics.dequantize(qw, c)
                 fed.append(capture_inputs(model, first_block, [windows], device))
@@ -224,7 +225,8 @@ class _EmbeddingProbe:
             else:
                 fed.append(None)
             tables.append(qw)
-        return cls(embedding, tables, fed, [0.0] * len(tables))
+        scores = [None if c is not None and qw is None else 0.0 for c, qw in zip(embedding.schemes, tables)]
+        return cls(embedding, tables, fed, scores)
 
     def score_input(self, block, reference: list[torch.Tensor]) -> None:
         for c, inputs in enumerate(self.fed):

@@ -509,11 +509,12 @@ class Recipe(Strict):
             raise ValueError("scheme.embedding fixes the embedding's scheme and scheme.budget.embedding lets the budget "
                              "choose it: give one of them")
         if self.scheme.embedding is not None or (budget is not None and budget.embedding is not None):
+            key = "scheme.embedding" if self.scheme.embedding is not None else "scheme.budget.embedding"
             if self.scheme.format != "int":
-                raise ValueError(f"scheme.embedding: format {self.scheme.format} is written by bitsandbytes, which keeps "
-                                 "the embedding in full precision; leave scheme.embedding out")
+                raise ValueError(f"{key}: format {self.scheme.format} is written by bitsandbytes, which keeps the "
+                                 f"embedding in full precision; leave {key} out")
             if self.method.name == "qat" and not self.method.blockwise:
-                raise ValueError("scheme.embedding: whole-model QAT trains the embedding in full precision; use "
+                raise ValueError(f"{key}: whole-model QAT trains the embedding in full precision; use "
                                  "method.mode: blockwise, or method rtn / gptq")
         return self
 
@@ -561,14 +562,18 @@ class Recipe(Strict):
         return Path(self.output.dir or f"out/{self.name or 'llmq'}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The validated recipe as plain data; keys added with per-layer schemes are left out when unused, so a recipe
-        without them hashes (and resumes, and is saved) as before."""
+        """The validated recipe as plain data; keys added since a recipe format settled (overrides, budgets, the
+        embedding's scheme, chat-template calibration) are left out when unused, so a recipe without them hashes (and
+        resumes, and is saved) as before. (The output.dtype default became `auto`, which does change the hash of a
+        recipe that leaves the dtype out: an interrupted run of an older llmq is then refused, not resumed.)"""
         data = self.model_dump(mode="json")
         if not data["overrides"]:
             del data["overrides"]
         for key in ("budget", "embedding"):
             if data["scheme"][key] is None:
                 del data["scheme"][key]
+        if "budget" in data["scheme"] and data["scheme"]["budget"]["embedding"] is None:
+            del data["scheme"]["budget"]["embedding"]
         if not data["calibration"]["chat_template"]:
             del data["calibration"]["chat_template"]
         return data

@@ -523,7 +523,7 @@ def test_lm_eval_style_options(tiny_dir, tmp_path, monkeypatch, capsys):
     results = json.loads(next(out.glob("results_*.json")).read_text())
     assert set(results["results"]) == {"arc_easy", "winogrande"} and results["suite"] == records[0]["suite"]
     for r in records:
-        lines = (out / f"samples_{r['label']}.jsonl").read_text().splitlines()
+        lines = next(out.glob(f"samples_{r['label']}_*.jsonl")).read_text().splitlines()
         assert len(lines) == r["samples"] == results["results"][r["label"]]["samples"] > 0
         assert "doc" in json.loads(lines[0])
     capsys.readouterr()
@@ -537,6 +537,8 @@ def test_lm_eval_style_options(tiny_dir, tmp_path, monkeypatch, capsys):
     assert cli(["eval", str(tiny_dir), "--tasks", "boolq", "--apply-chat-template", "--store", str(store)]) == 0
     assert seen[0][5] is True  # the chat template reaches lm-eval
     assert ResultsStore(store).results()[-1]["suite"] == "tasks-boolq-chat"
+    in_file = suites.Suite(name="mine", tasks=[suites.TaskSpec(task="llmq_boolq")], chat_template=True)
+    assert in_file.store_name == "mine-chat"  # set in a suite file, it gets its own rows too
 
 
 @pytest.mark.parametrize("args, message", [

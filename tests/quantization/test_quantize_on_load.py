@@ -71,6 +71,9 @@ def test_quantize_on_load_refuses_what_it_cannot_do(tiny_model_dir):
     with pytest.raises(BadInputError, match="per-layer schemes, embeddings and act order are written by `llmq run`"):
         AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=llmq.LlmqConfig(
             bits=4, group_size=32, g_idx=True))
+    with pytest.raises(BadInputError, match="lm_head, whose weight is tied to the input embeddings"):
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=llmq.LlmqConfig(
+            bits=4, group_size=32, targets=["Linear"], ignore=[]))  # transformers has not tied it yet: its mapping says
     with pytest.raises(BadInputError, match="select no Linear layer"):
         AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=llmq.LlmqConfig(
             bits=4, group_size=32, targets=["nothing"]))

@@ -276,3 +276,26 @@ def test_embedding_candidates_need_a_size_budget():
         llmq.Recipe.from_dict({"model": "m", "scheme": {"budget": {"bits_per_weight": 4, "embedding": ["W8"]}}})
     with pytest.raises(BadInputError, match="give one of them"):
         llmq.Recipe.from_dict({"model": "m", "scheme": {"embedding": "W8", "budget": {"size_mb": 9, "embedding": ["W8"]}}})
+
+
+def test_a_candidate_that_does_not_fit_the_width_is_not_offered(tiny_model_dir, tmp_path, calib, monkeypatch):
+    monkeypatch.setenv("LLMQ_CACHE", str(tmp_path / "cache"))
+    recipe = _budget(tiny_model_dir, tmp_path / "q", calib, 0.12)
+    recipe["scheme"]["budget"]["embedding"] = ["none", "W4g48", "W8"]  # 48 does not divide the width 64
+    record = llmq.run(recipe).report["quantization"]["budget"]["embedding"]
+    assert record["candidates"]["W4g48"] == {"bits": None, "score": None} and record["chosen"] != "W4g48"
+
+
+def test_an_embedding_that_computes_more_than_a_lookup_is_refused(tiny_model_dir):
+    """Gemma-style scaled embeddings (an nn.Embedding subclass multiplying by sqrt(hidden)) would lose the scale."""
+    from llmq.model.structure import input_embedding
+
+    class Scaled(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 8.0
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert input_embedding(model) == ("model.embed_tokens", "lm_head")
+    model.model.embed_tokens = Scaled(300, 64)
+    with pytest.raises(BadInputError, match=r"token embedding \(Scaled\) is not a plain nn.Embedding lookup"):
+        input_embedding(model)
