@@ -116,6 +116,8 @@ def main() -> None:
     choice = {"embedding": EMBEDDING_CANDIDATES}
     rows.append(run_row("budget-100mb-fp16-emb-choice", 4, keep, {"size_mb": 100, **choice}, dtype="float16"))
     rows.append(run_row("budget-80mb-fp16-emb-choice", 4, keep, {"size_mb": 80, **choice}, dtype="float16"))
+    # the same 80 MB with the table fixed at W8: checks the choice the solver made between table and layers
+    rows.append(run_row("budget-80mb-fp16-emb-w8", 4, keep, {"size_mb": 80}, dtype="float16", embedding="W8"))
     gap = w3["ppl"] - w4["ppl"]
     for r in rows[2:5]:
         ref = w3 if "w3" in r["name"] else w4
