@@ -299,3 +299,18 @@ def test_an_embedding_that_computes_more_than_a_lookup_is_refused(tiny_model_dir
     model.model.embed_tokens = Scaled(300, 64)
     with pytest.raises(BadInputError, match=r"token embedding \(Scaled\) is not a plain nn.Embedding lookup"):
         input_embedding(model)
+
+
+def test_gguf_writes_a_table_off_its_grids_dequantized_and_says_so(tiny_model_dir, tmp_path):
+    """8-bit with zero points has no GGUF block type: token_embd is written dequantized in the --embeddings type,
+    with a note, and reads back as llmq's table rounded to that type."""
+    out = tmp_path / "q"
+    llmq.run({"model": str(tiny_model_dir), "method": "rtn", "eval": None, "output": {"dir": str(out), "dtype": "float16"},
+              "scheme": {"bits": 4, "group_size": 32, "symmetric": True, "embedding": "W8"}})
+    done = export_checkpoint(out, tmp_path / "m.gguf", "gguf", embeddings="f32")
+    assert any(n.startswith("model.embed_tokens: 8-bit with zero points") and "written dequantized as F32" in n
+               for n in done.notes), done.notes
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    ours = llmq.load(out, dtype=torch.float32)
+    ids = torch.arange(300)
+    assert torch.equal(theirs.model.embed_tokens(ids), ours.model.embed_tokens(ids))  # f32: exact
