@@ -31,7 +31,9 @@ class EmbeddingPlan(NamedTuple):
 
 
 class LlmqConfig(QuantizationConfigMixin):
-    """The `quantization_config` of an llmq checkpoint: scheme, which layers, and the format version."""
+    """The `quantization_config` of an llmq checkpoint: scheme, which layers, and the format version. Passed to
+    `from_pretrained` of a full-precision model (`LlmqConfig(bits=4, group_size=128)`), it quantizes while loading
+    (checkpoint/hf.py)."""
 
     def __init__(
         self,
