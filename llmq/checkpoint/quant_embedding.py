@@ -13,6 +13,8 @@ any more, so `untie` removes that tie from the model's bookkeeping — the shari
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
@@ -109,7 +111,10 @@ def replace_embedding(model: nn.Module, name: str, scheme: Scheme, dtype: torch.
 
 def untie(model: nn.Module, names: list[str]) -> None:
     """Drop the ties naming these modules' weights from transformers' bookkeeping (`all_tied_weights_keys`, kept per
-    model and submodel with relative names): the tie now lives in TiedQuantHead, and neither has a `weight`."""
+    model and submodel with relative names): the tie now lives in TiedQuantHead, and neither has a `weight`.
+
+    `model.tie_weights()` (lm-eval's HFLM calls it on every model it wraps) would otherwise recompute the ties from
+    the config and look for `embed_tokens.weight`: on this model instance it keeps the ties the model holds instead."""
     for prefix, module in model.named_modules():
         keys = getattr(module, "all_tied_weights_keys", None)
         if not isinstance(keys, dict):
@@ -117,3 +122,10 @@ def untie(model: nn.Module, names: list[str]) -> None:
         own = {f"{n.removeprefix(prefix + '.') if prefix else n}.weight" for n in names}
         for k in [k for k, v in keys.items() if k in own or v in own]:
             keys.pop(k)
+    if callable(getattr(type(model), "tie_weights", None)) and "tie_weights" not in model.__dict__:
+        model.__dict__["tie_weights"] = types.MethodType(_kept_ties, model)  # this instance only; the class is untouched
+
+
+def _kept_ties(model: nn.Module, missing_keys=None, recompute_mapping: bool = True):
+    """`tie_weights` of a model with a quantized table: the ties it holds (`all_tied_weights_keys`), never recomputed."""
+    return type(model).tie_weights(model, missing_keys=missing_keys, recompute_mapping=False)

@@ -314,3 +314,26 @@ def test_gguf_writes_a_table_off_its_grids_dequantized_and_says_so(tiny_model_di
     ours = llmq.load(out, dtype=torch.float32)
     ids = torch.arange(300)
     assert torch.equal(theirs.model.embed_tokens(ids), ours.model.embed_tokens(ids))  # f32: exact
+
+
+def test_lm_eval_and_tie_weights_work_on_a_quantized_table(quantized):
+    """lm-eval's HFLM calls model.tie_weights(), which transformers answers by looking up embed_tokens.weight: the
+    model keeps the ties it holds instead, and a task scores."""
+    from llmq.evaluation import harness
+
+    model = llmq.load(quantized, dtype=torch.float32)
+    model.tie_weights()
+    assert isinstance(model.lm_head, TiedQuantHead) and model.lm_head.embedding is model.model.embed_tokens
+    from llmq.loading import load_tokenizer
+
+    score = harness.run_task(harness.wrap(model, load_tokenizer(quantized)), "llmq_arc_easy", 0, 4)
+    assert score.samples == 4 and 0 <= score.metrics["acc"] <= 1
+
+
+def test_a_copied_model_keeps_its_own_ties(quantized):
+    import copy
+
+    model = llmq.load(quantized, dtype=torch.float32)
+    twin = copy.deepcopy(model)
+    assert twin.tie_weights.__self__ is twin and twin.lm_head.embedding is twin.model.embed_tokens
+    twin.tie_weights()
