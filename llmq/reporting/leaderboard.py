@@ -198,13 +198,16 @@ def plots(rows: list[Row], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in with_ppl:
             ax.scatter(r.model["bits"], r.ppl, **_marker(r, colors))
-            ax.annotate(r.name, (r.model["bits"], r.ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
         _legend(ax)
         ax.set(xlabel="weight bits", ylabel="wiki perplexity (protocol)", yscale="log", title="Perplexity vs bits")
         ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 20, 30, not 2x10^1
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xticks(sorted({r.model["bits"] for r in with_ppl}))
+        ax.set_xscale("log", base=2)  # 3, 4, 8 and 32 bits apart; mixed rows' stored averages fall between
+        ax.set_xticks(sorted({int(b) for r in with_ppl if float(b := r.model["bits"]).is_integer()}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        _labels(ax, [(r.name, r.model["bits"], r.ppl) for r in with_ppl])
         ax.grid(alpha=0.3)
         made.append(_save(fig, out / "ppl_vs_bits.png"))
     with_avg = [r for r in rows if r.average is not None]
@@ -213,15 +216,35 @@ def plots(rows: list[Row], out: Path) -> list[Path]:
         for r in with_avg:
             mb = r.model.get("size_bytes", 0) / 1e6
             ax.scatter(mb, r.average, **_marker(r, colors))
-            ax.annotate(r.name, (mb, r.average), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = pareto(with_avg)
         ax.plot([r.model.get("size_bytes", 0) / 1e6 for r in front], [r.average for r in front], "--", color="tab:red",
                 label="Pareto front")
         ax.set(xlabel="size on disk (MB)", ylabel="average accuracy", title="Accuracy vs size")
+        _labels(ax, [(r.name, r.model.get("size_bytes", 0) / 1e6, r.average) for r in with_avg])
         _legend(ax)
         ax.grid(alpha=0.3)
         made.append(_save(fig, out / "accuracy_vs_size.png"))
     return made
+
+
+def _labels(ax, points: list[tuple[str, float, float]]) -> None:
+    """Name every point, moving a label down a line while it would overlap one already placed (rows close in size
+    and accuracy, such as two budgets a few MB apart, otherwise print on top of each other)."""
+    ax.figure.canvas.draw()  # settles the axes' limits, so data positions map to their final place on the page
+    to_points = 72 / ax.figure.dpi
+    placed: list[tuple[float, float, float]] = []  # (left, bottom, width) of each label, in points
+    for name, x, y in sorted(points, key=lambda p: (-p[2], p[1])):
+        px, py = (v * to_points for v in ax.transData.transform((x, y)))
+        width = 4.2 * len(name)
+
+        def free(dx: float, dy: float) -> bool:
+            return not any(px + dx < qx + qw and qx < px + dx + width and abs(py + dy - qy) < 8 for qx, qy, qw in placed)
+
+        # nearest first: right of the point, then left of it, a line further up or down each time
+        tries = [(dx, dy) for dy in (3, -9, 11, -17, 19, -25, 27, -33) for dx in (3, -width - 3)]
+        dx, dy = next((t for t in tries if free(*t)), tries[0])
+        placed.append((px + dx, py + dy, width))
+        ax.annotate(name, (x, y), fontsize=7, xytext=(dx, dy), textcoords="offset points")
 
 
 def _marker(row: Row, colors: dict[str, str]) -> dict[str, Any]:
