@@ -6,6 +6,10 @@ Before any weight is read, the quantizer checks that the checkpoint files hold e
 layers need: transformers fills missing tensors with random values, and a quantized checkpoint must never
 load as random weights. `check_loaded` guards the other direction — a model loaded while llmq was not
 registered (plain Linear layers with random weights under an llmq config) — wherever llmq's own code loads.
+
+Given `quantization_config=LlmqConfig(...)` for a full-precision checkpoint, the same quantizer quantizes while
+loading (`QuantizeOnLoad`): each targeted weight becomes a QuantLinear the moment transformers reads it (RTN, min-max,
+through numerics.py), so the full-precision model is never held whole.
 """
 
 from __future__ import annotations
