@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import numerics
 from ..describe import scheme_words
+from ..errors import LlmqError
 from ..kernels import derived
 from ..numerics import QWeight, Scheme
 from .quant_linear import QuantLinear
@@ -124,6 +125,13 @@ def untie(model: nn.Module, names: list[str]) -> None:
             keys.pop(k)
     if callable(getattr(type(model), "tie_weights", None)) and "tie_weights" not in model.__dict__:
         model.__dict__["tie_weights"] = types.MethodType(_kept_ties, model)  # this instance only; the class is untouched
+    if callable(getattr(type(model), "resize_token_embeddings", None)):
+        model.__dict__["resize_token_embeddings"] = types.MethodType(_no_resize, model)
+
+
+def _no_resize(model: nn.Module, *args, **kwargs):
+    raise LlmqError("this model's token embedding is quantized (llmq QuantEmbedding): its rows cannot be resized; "
+                    "add tokens to the full-precision model, then quantize it")
 
 
 def _kept_ties(model: nn.Module, missing_keys=None, recompute_mapping: bool = True):

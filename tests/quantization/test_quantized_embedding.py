@@ -337,3 +337,5 @@ def test_a_copied_model_keeps_its_own_ties(quantized):
     twin = copy.deepcopy(model)
     assert twin.tie_weights.__self__ is twin and twin.lm_head.embedding is twin.model.embed_tokens
     twin.tie_weights()
+    with pytest.raises(LlmqError, match="its rows cannot be resized"):
+        twin.resize_token_embeddings(400)
