@@ -69,6 +69,10 @@ class Scheme:
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size is None else self.group_size
 
+    def fits(self, in_features: int) -> bool:
+        """Whether a layer of `in_features` inputs splits into whole groups of this scheme (per-channel always does)."""
+        return self.group_size is None or in_features % self.group_size == 0
+
 
 class QWeight(NamedTuple):
     """Unpacked, exact quantized weight: what every method returns."""

@@ -71,7 +71,7 @@ class LlmqHfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         layer, _, leaf = param_name.rpartition(".")
-        return not self.pre_quantized and leaf == "weight" and layer in getattr(self, "_on_load", {})
+        return not self.pre_quantized and leaf == "weight" and layer in getattr(self, "_on_load", ())
 
     def get_quantize_ops(self):
         return QuantizeOnLoad(self)
@@ -88,10 +88,10 @@ class LlmqHfQuantizer(HfQuantizer):
         if scheme.bits not in SUPPORTED_BITS:
             raise BadInputError(f"LlmqConfig bits {scheme.bits}: expected one of {SUPPORTED_BITS}")
         for name, layer in layers.items():
-            if scheme.group_size is not None and layer.in_features % scheme.group_size:
+            if not scheme.fits(layer.in_features):
                 raise BadInputError(f"LlmqConfig group_size {scheme.group_size} does not divide in_features "
                                     f"{layer.in_features} of {name}")
-        self._on_load = {name: layer.bias is not None for name, layer in layers.items()}
+        self._on_load = set(layers)  # the layers QuantizeOnLoad replaces as their weights arrive
         return model
 
     def _finish_quantize_on_load(self, model) -> None:

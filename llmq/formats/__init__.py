@@ -28,7 +28,15 @@ from ..model.structure import decoder_blocks, skeleton
 from ..numerics import Scheme
 from ..reporting.cards import export_card, import_card
 from . import compressed_tensors, gguf_export, gptq
-from .convert import ByLayer, DenseEmbedding, LayerShape, convert, linear_shapes, quantized_layers, unquantized_linears
+from .convert import (
+    ByLayer,
+    DenseEmbedding,
+    convert,
+    embedding_shape,
+    linear_shapes,
+    quantized_layers,
+    unquantized_linears,
+)
 from .detect import Detected, ct_weight_args, detect, read_config, unsupported_message
 from .native import LlmqCodec, imported_config, is_trivial_g_idx
 
@@ -121,9 +129,7 @@ def embedding_in_full_precision(cfg: LlmqConfig, model: torch.nn.Module, dtype: 
     plan = cfg.embedding_plan
     if plan is None:
         return None
-    table = model.get_submodule(plan.name)
-    layer = LayerShape(plan.name, table.embedding_dim, table.num_embeddings)
-    return DenseEmbedding(layer, LlmqCodec(plan.scheme), plan.scheme, dtype)
+    return DenseEmbedding(embedding_shape(model, plan.name), LlmqCodec(plan.scheme), plan.scheme, dtype)
 
 
 def embedding_note(emb: DenseEmbedding, fmt: str) -> str:

@@ -41,6 +41,12 @@ class LayerShape:
     out_features: int
 
 
+def embedding_shape(model: torch.nn.Module, name: str) -> LayerShape:
+    """A token table [vocab, hidden] as the layer it is stored as: in_features = hidden, out_features = vocab."""
+    table = model.get_submodule(name)
+    return LayerShape(name, table.embedding_dim, table.num_embeddings)
+
+
 @dataclass(frozen=True)
 class DenseEmbedding:
     """A quantized token embedding that the target format cannot hold: written dequantized as `<name>.weight`."""

@@ -37,7 +37,7 @@ from ..errors import BadInputError
 from ..io import atomic_file, check_output_file
 from ..model.structure import skeleton
 from ..numerics import QWeight, Scheme, dequantize
-from .convert import ByLayer, LayerShape, linear_shapes, read_layer
+from .convert import ByLayer, LayerShape, embedding_shape, linear_shapes, read_layer
 from .detect import Detected, detect, read_config
 from .native import LlmqCodec, is_trivial_g_idx
 
@@ -175,8 +175,7 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
         schemes = {n: cfg.scheme_for(n) for n in cfg.layers}
         emb = cfg.embedding_plan
         if emb is not None:  # the table is a Linear-shaped layer: in = the embedding width, out = the vocabulary
-            table = model.get_submodule(emb.name)
-            shapes[emb.name] = LayerShape(emb.name, table.embedding_dim, table.num_embeddings)
+            shapes[emb.name] = embedding_shape(model, emb.name)
             schemes[emb.name] = emb.scheme
         codec = ByLayer(lambda s: LlmqCodec(s, has_g_idx=cfg.g_idx), cfg.scheme, schemes)
     reader = CheckpointReader(src)

@@ -97,7 +97,7 @@ def embedding_plan(recipe: Recipe, model: nn.Module) -> EmbeddingPlan | None:
     name, tied = input_embedding(model)
     scheme = recipe.scheme.embedding.to_scheme()
     dim = model.get_submodule(name).embedding_dim
-    if scheme.group_size is not None and dim % scheme.group_size:
+    if not scheme.fits(dim):
         raise BadInputError(f"scheme.embedding.group_size: {scheme.group_size} does not divide the embedding width {dim} "
                             f"of {name} (try a divisor of {dim}, or null for one group per row)")
     return EmbeddingPlan(name, scheme, tied)

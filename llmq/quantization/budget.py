@@ -135,15 +135,12 @@ def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], 
         raise BadInputError(f"scheme.budget: {outside[0]} lies outside the decoder blocks, where no calibration "
                             "activations reach to measure it; fix its scheme with an override (or ignore it)")
     shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
-    def fits(c: Scheme, in_features: int) -> bool:
-        return c.group_size is None or in_features % c.group_size == 0
-
     for n in free:
-        if not any(fits(c, shapes[n][1]) for c in cands):
+        if not any(c.fits(shapes[n][1]) for c in cands):
             raise BadInputError(f"scheme.budget.candidates: none fits {n} (in_features {shapes[n][1]}); add one whose "
                                 "group size divides it, or a per-channel one")
     # a candidate whose group size does not divide a layer is simply not offered to that layer
-    sizes = {n: [stored_bits(*shapes[n], c, scale_dtype, has_g_idx) if fits(c, shapes[n][1]) else None for c in cands]
+    sizes = {n: [stored_bits(*shapes[n], c, scale_dtype, has_g_idx) if c.fits(shapes[n][1]) else None for c in cands]
              for n in free}
     fixed_bits = sum(stored_bits(*shapes[n], schemes[n], scale_dtype, has_g_idx) for n in fixed if n in schemes)
     if b.bits_per_weight is not None:
@@ -166,7 +163,7 @@ def plan_budget(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module], 
             table = model.get_submodule(emb_cands.name)
             shape = (table.num_embeddings, table.embedding_dim)
             emb_sizes = [shape[0] * shape[1] * torch.finfo(scale_dtype).bits if c is None
-                         else stored_bits(*shape, c, scale_dtype, False) if fits(c, shape[1]) else None
+                         else stored_bits(*shape, c, scale_dtype, False) if c.fits(shape[1]) else None
                          for c in emb_cands.schemes]
             if all(size is None for size in emb_sizes):
                 raise BadInputError(f"scheme.budget.embedding: no candidate's group size divides the embedding width "

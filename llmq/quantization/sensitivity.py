@@ -166,7 +166,7 @@ def _measure(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list[
         for n in names:
             layer = block.get_submodule(n)
             w = layer.weight.data.clone()
-            fit = [c for c in range(len(cands)) if cands[c].group_size is None or w.shape[1] % cands[c].group_size == 0]
+            fit = [c for c in range(len(cands)) if cands[c].fits(w.shape[1])]
             coarsest = max(fit, key=lambda c: (-cands[c].bits, cands[c].group_size or 1 << 30))
             rtn_error: list[float | None] = [None] * len(cands)  # None: the candidate does not fit the layer
             predicted: list[float | None] = [None] * len(cands)
@@ -216,8 +216,8 @@ class _EmbeddingProbe:
         w = table.weight.data
         tables, fed = [], []
         for c in embedding.schemes:
-            fits = c is not None and (c.group_size is None or w.shape[1] % c.group_size == 0)  # else not offered
-            qw = quantize_weight(w, c, recipe.method, scale_dtype) if fits else None
+            offered = c is not None and c.fits(w.shape[1])  # a candidate that does not fit is not offered
+            qw = quantize_weight(w, c, recipe.method, scale_dtype) if offered else None
             if qw is not None:
                 table.weight.data = numerics.dequantize(qw, c)
                 fed.append(capture_inputs(model, first_block, [windows], device))

@@ -68,22 +68,31 @@ class SchemeConfig(Strict):
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: int) -> int:
-        if v not in SUPPORTED_BITS:
-            raise ValueError(f"{v} is not supported (expected one of {', '.join(map(str, SUPPORTED_BITS))})")
-        return v
+        return _supported_bits(v)
 
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError(f"{v} must be a positive integer, or null for per-channel")
-        return v
+        return _positive_group(v, "per-channel")
 
     budget: SizeBudget | None = None
     embedding: EmbeddingScheme | None = None
 
     def to_scheme(self) -> Scheme:
         return Scheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, format=self.format)
+
+
+def _supported_bits(v: int, key: str = "") -> int:
+    """`v` as a bit width llmq writes; `key` ("bits: ") prefixes the message where pydantic does not name the key."""
+    if v not in SUPPORTED_BITS:
+        raise ValueError(f"{key}{v} is not supported (expected one of {', '.join(map(str, SUPPORTED_BITS))})")
+    return v
+
+
+def _positive_group(v: int | None, null_means: str, key: str = "") -> int | None:
+    if v is not None and v <= 0:
+        raise ValueError(f"{key}{v} must be a positive integer, or null for {null_means}")
+    return v
 
 
 def _valid_patterns(patterns: list[str]) -> list[str]:
@@ -146,10 +155,10 @@ class LayerOverride(Strict):
             raise ValueError("skip: true keeps the layers in full precision; give no bits / group_size / symmetric with it")
         if not self.skip and not given:
             raise ValueError("give the scheme keys that change (bits, group_size, symmetric, preset), or skip: true")
-        if self.bits is not None and self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits: {self.bits} is not supported (expected one of {', '.join(map(str, SUPPORTED_BITS))})")
-        if isinstance(self.group_size, int) and self.group_size <= 0:
-            raise ValueError(f"group_size: {self.group_size} must be a positive integer, or null for per-channel")
+        if self.bits is not None:
+            _supported_bits(self.bits, "bits: ")
+        if isinstance(self.group_size, int):
+            _positive_group(self.group_size, "per-channel", "group_size: ")
         return self
 
     def scheme_over(self, default: Scheme) -> Scheme:
@@ -236,16 +245,12 @@ class EmbeddingScheme(Strict):
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: int) -> int:
-        if v not in SUPPORTED_BITS:
-            raise ValueError(f"{v} is not supported (expected one of {', '.join(map(str, SUPPORTED_BITS))})")
-        return v
+        return _supported_bits(v)
 
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError(f"{v} must be a positive integer, or null for one group per row")
-        return v
+        return _positive_group(v, "one group per row")
 
     def to_scheme(self) -> Scheme:
         return Scheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
