@@ -19,7 +19,7 @@ from pathlib import Path
 import llmq
 from llmq.recipe import Recipe
 
-RECIPES = ["qat-w4g64", "qat-w3g64", "qat-w3g64-rtn", "qat-w4g64-rtn", "qat-w2g32", "qat-w2g32-4x"]
+RECIPES = ["qat-w4g64-whole-model", "qat-w3g64-whole-model", "qat-w3g64-rtn", "qat-w4g64-rtn", "qat-w2g32-whole-model", "qat-w2g32-4x"]
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -134,10 +134,24 @@ def _expand(t: Tensor, g_idx: Tensor | None, in_features: int, scheme: Scheme) -
     return t[:, g_idx.long()]
 
 
-def stored_scales(scales: Tensor, dtype: torch.dtype) -> Tensor:
+def stored_scales(scales: Tensor, dtype: torch.dtype, straight_through: bool = False) -> Tensor:
     """Scales as they will be read back from `dtype` (what is stored is what the codes must fit), in fp32; a tiny
-    scale never rounds to zero in fp16 / bf16."""
-    return scales.to(dtype).float().clamp_min(torch.finfo(dtype).tiny)
+    scale never rounds to zero in fp16 / bf16. `straight_through`: the gradient skips the rounding to `dtype` and
+    stays fp32 (autograd's cast would round it to fp16, where small gradients underflow)."""
+    rounded = _CastSTE.apply(scales, dtype) if straight_through else scales.to(dtype).float()
+    return rounded.clamp_min(torch.finfo(dtype).tiny)
+
+
+class _CastSTE(torch.autograd.Function):
+    """x rounded to `dtype` and back to fp32; the gradient passes unchanged, in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        return x.to(dtype).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def zero_values(zeros: Tensor | None, scales: Tensor, scheme: Scheme) -> Tensor:
@@ -265,6 +279,28 @@ def fake_quantize_learnable(
     s = _expand(scales.float(), g_idx, inp, scheme)
     z = _expand(z_groups.float(), g_idx, inp, scheme)
     return from_grid(round_to_grid(w.float(), s, z, scheme.maxq, rounding=round_ste), s, z).to(w.dtype)
+
+
+def learned_codes(codes: Tensor, offsets: Tensor, maxq: int, rounding=torch.round) -> Tensor:
+    """Codes moved by learned rounding offsets (in grid steps): clamp(round(codes + offsets), 0, maxq), as floats.
+    `rounding=round_ste` while training (the offsets get straight-through gradients), torch.round to convert: the
+    same values, so a trained layer converts to exactly the integers it computed with."""
+    return torch.clamp(rounding(codes.float() + offsets), 0, maxq)
+
+
+def dequantize_learnable_codes(
+    codes: Tensor, offsets: Tensor, scheme: Scheme, scales: Tensor, zeros: Tensor | None = None, g_idx: Tensor | None = None
+) -> Tensor:
+    """(learned_codes - z) * s, differentiable in the rounding `offsets` [out, in] (straight through the rounding)
+    and in the `scales` [out, n_groups] (exactly: the codes do not move with the scales, unlike LSQ, whose scale
+    gradient vanishes for weights on their grid). `zeros` are the stored integer zero points (None = symmetric).
+    The forward values equal `dequantize(QWeight(learned_codes(...), scales, zeros, g_idx))` bit for bit."""
+    if scheme.codebook is not None:
+        raise ValueError("learned rounding applies to integer grids, not codebooks")
+    inp = codes.shape[1]
+    s = _expand(scales.float(), g_idx, inp, scheme)
+    z = _expand(zero_values(zeros, scales, scheme), g_idx, inp, scheme)
+    return from_grid(learned_codes(codes, offsets, scheme.maxq, rounding=round_ste), s, z)
 
 
 def mse_qparams(

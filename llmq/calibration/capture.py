@@ -39,6 +39,19 @@ class BlockInputs:
 
     hidden: list[torch.Tensor]  # [batch, seq, hidden] each
     extras: list[tuple[tuple, dict[str, Any]]]  # (positional args after the hidden states, keyword args)
+    # the full-precision model's hidden states entering the same block, when a method trains against them
+    # (block-wise QAT); None otherwise
+    reference: list[torch.Tensor] | None = None
+
+    def keep_reference(self) -> None:
+        """Start the full-precision stream: a copy of the hidden states (still equal before any block is quantized)."""
+        self.reference = [h.clone() for h in self.hidden]
+
+    @torch.no_grad()
+    def reference_outputs(self, block: nn.Module) -> list[torch.Tensor]:
+        """The block's outputs on the full-precision stream (call it before the block is quantized): the next
+        block's reference, and this block's training target."""
+        return [first_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(self.reference, self.extras)]
 
     @torch.no_grad()
     def advance(self, block: nn.Module) -> None:
@@ -76,8 +89,12 @@ class BlockInputs:
             for handle in handles:
                 handle.remove()
 
-    def with_hidden(self, hidden: list[torch.Tensor]) -> BlockInputs:
-        return BlockInputs(hidden, self.extras)
+    def with_hidden(self, hidden: list[torch.Tensor], reference: list[torch.Tensor] | None = None) -> BlockInputs:
+        return BlockInputs(hidden, self.extras, reference)
+
+    def saved(self) -> list[torch.Tensor]:
+        """What a resume needs (on the CPU): the hidden states, then the reference stream if there is one."""
+        return [h.cpu() for h in self.hidden + (self.reference or [])]
 
 
 @torch.no_grad()

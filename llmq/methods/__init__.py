@@ -23,6 +23,7 @@ from .rtn import rtn_block
 class Method(NamedTuple):
     quantize_block: Callable | None  # None: a whole-model method (qat), not a block walk
     needs_calibration: bool
+    needs_reference: bool = False  # trains against the full-precision model's block outputs (job.targets)
 
 
 METHODS = {
@@ -42,7 +43,8 @@ def needs_calibration(method: MethodConfig) -> bool:
 def block_method(method: MethodConfig) -> Method | None:
     """What the block walk runs per block for this method: rtn, gptq, or block-wise QAT; None for whole-model QAT."""
     if method.blockwise:
-        return Method(functools.partial(qat_block, init=METHODS[method.init].quantize_block), needs_calibration=True)
+        return Method(functools.partial(qat_block, init=METHODS[method.init].quantize_block), needs_calibration=True,
+                      needs_reference=True)
     found = METHODS[method.name]
     return found if found.quantize_block is not None else None
 

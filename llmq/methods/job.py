@@ -26,6 +26,10 @@ class BlockJob:
     clusters: list[list[str]] | None = None  # the block's Linear layers in call order, grouped by shared input
     log: Callable[[dict[str, Any]], None] = field(default=lambda row: None)  # one row per quantized layer
     schemes: dict[str, Scheme] = field(default_factory=dict)  # layers (block-relative names) whose scheme is not `scheme`
+    # block-wise QAT: the full-precision model's outputs of this block, per calibration batch (its training target)
+    targets: list[torch.Tensor] | None = None
+    step_budget: Any = None  # block-wise QAT with block_minutes: its StepBudget, shared by every block of the walk
+    blocks_left: int = 1  # this block and the ones after it
 
     def scheme_for(self, name: str) -> Scheme:
         """The scheme of the block's layer `name` (recipe overrides and budgets give layers their own)."""

@@ -36,11 +36,12 @@ from ..errors import BadInputError, LlmqError
 from ..io import torch_save_atomic
 from ..io import write_json_atomic as _write_json_atomic
 from ..methods import BlockJob, block_method
+from ..methods.qat.block_ap import StepBudget
 from ..methods.rtn import quantize_weight, rtn_block
 from ..model.structure import decoder_blocks, input_embedding, targeted_linears
 from ..numerics import QWeight, Scheme
 from ..recipe import Recipe, check_against_layers
-from .resume import ACTIVATIONS, PROGRESS, blocks_done, run_key
+from .resume import ACTIVATIONS, PROGRESS, blocks_done, planned_block_steps, run_key
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def _batches(calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def _job(recipe: Recipe, scale_dtype: torch.dtype, inputs, clusters, rows: list, block: str, log,
-         schemes: dict[str, Scheme]) -> BlockJob:
+         schemes: dict[str, Scheme], step_budget: StepBudget | None = None, blocks_left: int = 1) -> BlockJob:
     def record(row: dict[str, Any]) -> None:
         row = {"block": block, **row}
         rows.append(row)
@@ -132,7 +133,14 @@ def _job(recipe: Recipe, scale_dtype: torch.dtype, inputs, clusters, rows: list,
 
     default = recipe.scheme.to_scheme()
     own = {n: s for n, s in schemes.items() if s != default}
-    return BlockJob(default, recipe.method, scale_dtype, inputs, clusters, record, own)
+    return BlockJob(default, recipe.method, scale_dtype, inputs, clusters, record, own, step_budget=step_budget,
+                    blocks_left=blocks_left)
+
+
+def step_budget(recipe: Recipe, n_blocks: int, started: float, steps: int | None = None) -> StepBudget | None:
+    """Block-wise QAT's `block_minutes` as a StepBudget (None for every other method); `steps`: a resumed plan."""
+    minutes = recipe.method.block_minutes if recipe.method.blockwise else None
+    return None if minutes is None else StepBudget(minutes * 60, n_blocks, started, steps)
 
 
 def _with_default_g_idx(qweights: dict[str, QWeight], schemes: dict[str, Scheme]) -> dict[str, QWeight]:
@@ -141,6 +149,22 @@ def _with_default_g_idx(qweights: dict[str, QWeight], schemes: dict[str, Scheme]
         n: qw if qw.g_idx is not None else qw._replace(g_idx=numerics.default_g_idx(qw.q.shape[1], schemes[n], qw.q.device))
         for n, qw in qweights.items()
     }
+
+
+def _quantize_block(method, block: nn.Module, names: list[str], job: BlockJob) -> dict[str, QWeight]:
+    """One block through the method; a method that trains against the full-precision model (`needs_reference`)
+    gets the block's outputs on the full-precision stream, taken before the block is quantized, as `job.targets`."""
+    if job.inputs is not None and method.needs_reference:
+        job.targets = job.inputs.reference_outputs(block)
+    return method.quantize_block(block, names, job)
+
+
+def _advance(method, block: nn.Module, job: BlockJob) -> None:
+    """The block's calibration activations become the next block's: the quantized stream through the quantized
+    block, and the full-precision stream (if kept) is the block's outputs computed before it was quantized."""
+    job.inputs.advance(block)
+    if method.needs_reference:
+        job.inputs.reference = job.targets
 
 
 # ------------------------------------------------------------------------------------------- in memory
@@ -163,14 +187,18 @@ def quantize_model(
             raise LlmqError(f"method {recipe.method.name} needs calibration token windows")
         device = next(model.parameters()).device
         inputs = capture_inputs(model, plan.blocks[0], _batches(calibration, recipe.calibration.batch_size), device)
+        if method.needs_reference:
+            inputs.keep_reference()
         clusters = linear_clusters(plan.blocks[0], inputs)
     qweights: dict[str, QWeight] = {}
+    budget, n_blocks = step_budget(recipe, len(plan.blocks), t0), len(plan.blocks)
     for i, block in enumerate(tqdm(plan.blocks, desc=f"{recipe.method.name} blocks", unit="block", leave=False)):
-        job = _job(recipe, scale_dtype, inputs, clusters, summary.rows, str(i), log, plan.block_schemes(i))
-        for name, qw in method.quantize_block(block, plan.per_block[i], job).items():
+        job = _job(recipe, scale_dtype, inputs, clusters, summary.rows, str(i), log, plan.block_schemes(i), budget,
+                   n_blocks - i)
+        for name, qw in _quantize_block(method, block, plan.per_block[i], job).items():
             qweights[f"{plan.prefix}.{i}.{name}"] = qw
         if inputs is not None and i + 1 < len(plan.blocks):
-            inputs.advance(block)
+            _advance(method, block, job)
     if plan.outside:
         outside_job = _job(recipe, scale_dtype, None, None, summary.rows, "-", log, plan.block_schemes(None))
         qweights.update(rtn_block(model, plan.outside, outside_job))
@@ -262,7 +290,7 @@ def quantize_checkpoint(
     t0 = time.perf_counter()
     memory.trim()
     walk = _DiskWalk.start(recipe, Path(base_dir), work, scale_dtype, torch.device(device or default_device()),
-                           run_key(recipe, base_dir, calibration), log)
+                           run_key(recipe, base_dir, calibration), log, t0)
     inputs = walk.first_block_inputs(calibration)
     walk.write_outside_blocks()
     walk.add_finished_blocks()
@@ -291,10 +319,11 @@ class _DiskWalk:
     summary: QuantizeSummary
     weight_map: dict[str, str] = field(default_factory=dict)  # tensor name -> shard, for the index
     rest_keys: list[str] = field(default_factory=list)  # state keys outside the blocks (the last shard)
+    step_budget: StepBudget | None = None  # block-wise QAT's time budget as steps per block
 
     @classmethod
     def start(cls, recipe: Recipe, base_dir: Path, work: Path, scale_dtype: torch.dtype, device: torch.device, key: str,
-              log) -> _DiskWalk:
+              log, started: float) -> _DiskWalk:
         config, model = meta_model(base_dir)
         plan = _plan(model, recipe)
         reader = CheckpointReader(base_dir)
@@ -303,7 +332,9 @@ class _DiskWalk:
             logger.info(f"resuming at block {done} of {len(plan.blocks)} from {work}")
         summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, resumed_at_block=done, schemes=plan.schemes,
                                   skipped=plan.skipped, embedding=plan.embedding)
-        return cls(recipe, work, config, model, plan, reader, scale_dtype, device, key, done, log, summary)
+        budget = step_budget(recipe, len(plan.blocks), started, planned_block_steps(work) if done else None)
+        return cls(recipe, work, config, model, plan, reader, scale_dtype, device, key, done, log, summary,
+                   step_budget=budget)
 
     @property
     def method(self):
@@ -327,16 +358,20 @@ class _DiskWalk:
             raise LlmqError(f"method {self.recipe.method.name} needs calibration token windows")
         batches = _batches(calibration, self.recipe.calibration.batch_size)
         inputs = capture_inputs(self.model, self.plan.blocks[0], batches, self.device)
+        if self.method.needs_reference:
+            inputs.keep_reference()
         if self.done > 0:
             try:
                 saved = torch.load(self.work / ACTIVATIONS, map_location=self.device, weights_only=True)
             except Exception as e:  # noqa: BLE001 - missing, truncated or foreign: all mean "cannot resume from it"
                 raise LlmqError(f"{self.work / ACTIVATIONS}: unreadable ({type(e).__name__}); remove {self.work} to start "
                                 "over") from None
-            if (not isinstance(saved, list) or len(saved) != len(inputs.hidden)
-                    or any(not isinstance(a, torch.Tensor) or a.shape != b.shape for a, b in zip(saved, inputs.hidden))):
+            expected = inputs.saved()  # the shapes a resume file of this run holds
+            if (not isinstance(saved, list) or len(saved) != len(expected)
+                    or any(not isinstance(a, torch.Tensor) or a.shape != b.shape for a, b in zip(saved, expected))):
                 raise LlmqError(f"{self.work / ACTIVATIONS}: saved activations do not match this run's calibration batches")
-            inputs = inputs.with_hidden(saved)
+            n = len(inputs.hidden)
+            inputs = inputs.with_hidden(saved[:n], saved[n:] if inputs.reference is not None else None)
         return inputs
 
     def write_outside_blocks(self) -> None:
@@ -389,8 +424,9 @@ class _DiskWalk:
                 if clusters is None and inputs is not None:
                     clusters = linear_clusters(block, inputs)
                 schemes = self.plan.block_schemes(i)
-                job = _job(self.recipe, self.scale_dtype, inputs, clusters, self.summary.rows, str(i), self.log, schemes)
-                qweights = self.method.quantize_block(block, self.plan.per_block[i], job)
+                job = _job(self.recipe, self.scale_dtype, inputs, clusters, self.summary.rows, str(i), self.log, schemes,
+                           self.step_budget, n_blocks - i)
+                qweights = _quantize_block(self.method, block, self.plan.per_block[i], job)
                 if self.plan.has_g_idx:
                     qweights = _with_default_g_idx(qweights, schemes)
                 tensors = _shard_tensors(block, prefix, block_keys, qweights, schemes, self.scale_dtype)
@@ -400,10 +436,15 @@ class _DiskWalk:
                     pending.result()  # the previous write holds the activations about to be overwritten
                 activations = None
                 if inputs is not None and i + 1 < n_blocks:
-                    inputs.advance(block)
-                    activations = [h.cpu() for h in inputs.hidden]
+                    _advance(self.method, block, job)
+                    activations = inputs.saved()
                 block.to("meta")
                 progress = {"run": self.key, "blocks_done": i + 1, "n_blocks": n_blocks}
+                if self.step_budget is not None:
+                    progress["block_steps"] = self.step_budget.steps
+                trained = [r for r in self.summary.rows if r["block"] == str(i) and "init_loss" in r]
+                if trained:
+                    bar.set_postfix_str(f"block loss {trained[0]['init_loss']:.4g} → {trained[0]['loss']:.4g}")
                 pending = writer.submit(_finish_block, self.work, self.shard(i), tensors, activations, progress)
                 memory.trim()
             if pending is not None:

@@ -52,3 +52,15 @@ def blocks_done(work: Path, key: str, n_blocks: int | None = None) -> int:
     if any(p.name != BUDGET for p in work.iterdir()):
         raise LlmqError(f"{work} is not empty and holds no llmq progress file; remove it to start over")
     return 0
+
+
+def planned_block_steps(work: Path) -> int | None:
+    """The training steps per block a block-wise QAT run with a time budget planned, as its progress file records
+    them (None: not planned yet). Read after `blocks_done` accepted the file."""
+    try:
+        steps = json.loads((work / PROGRESS).read_text(encoding="utf-8")).get("block_steps")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    if steps is not None and (type(steps) is not int or steps < 0):
+        raise LlmqError(f"{work / PROGRESS}: block_steps {steps!r} is not a step count llmq wrote; remove {work} to start over")
+    return steps

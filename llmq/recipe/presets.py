@@ -31,4 +31,4 @@ METHOD_NAMES = ("rtn", "gptq", "qat")
 GPTQ_KEYS = ("damp", "block_size", "act_order", "static_groups", "true_sequential", "clip_weights")
 QAT_KEYS = ("init", "train_weights", "learn_scales", "learn_zero_points", "mode")
 # QAT's block-wise mode only (method: {name: qat, mode: blockwise}).
-BLOCKWISE_KEYS = ("block_epochs", "block_lr", "block_qparam_lr")
+BLOCKWISE_KEYS = ("block_epochs", "block_minutes", "block_lr", "block_qparam_lr")

@@ -270,6 +270,13 @@ class MethodConfig(Strict):
     keys above apply to that initialisation), `train_weights` (the latent full-precision weights are trained),
     `learn_scales` / `learn_zero_points` (LSQ-style learnable quantization parameters). The training run itself
     is the recipe's `training:` section.
+
+    QAT `mode: blockwise` only (methods/qat/block_ap.py): each block trains on the calibration activations toward
+    the full-precision model's block output. `train_weights` trains per-weight rounding offsets (lr `block_lr`, in
+    grid steps), `learn_scales` the scales (lr `block_qparam_lr`, in log space); zero points keep the init's
+    integers. `block_epochs` passes over the calibration batches per block, or `block_minutes`: wall clock for the
+    whole method (initialisation included), turned into a step count per block once, on the first block, and
+    kept on resume.
     """
 
     name: Literal[METHOD_NAMES] = "rtn"
@@ -289,8 +296,9 @@ class MethodConfig(Strict):
     learn_zero_points: bool = True
     mode: Literal["whole-model", "blockwise"] = "whole-model"
     block_epochs: int = Field(2, ge=1, le=1000)
-    block_lr: float = Field(1e-5, ge=0.0, le=1.0)
-    block_qparam_lr: float = Field(1e-4, ge=0.0, le=1.0)
+    block_minutes: float | None = Field(None, gt=0)
+    block_lr: float = Field(0.0, ge=0.0, le=1.0)
+    block_qparam_lr: float = Field(0.01, ge=0.0, le=1.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -311,6 +319,11 @@ class MethodConfig(Strict):
         stray = changed(BLOCKWISE_KEYS)
         if stray and self.mode != "blockwise":
             raise ValueError(f"{stray[0]} applies to qat with mode: blockwise only")
+        if self.blockwise and "learn_zero_points" in self.model_fields_set and self.learn_zero_points:
+            raise ValueError("learn_zero_points: block-wise QAT keeps the init's integer zero points (it trains rounding "
+                             "offsets and scales); remove the key")
+        if self.blockwise and "block_epochs" in self.model_fields_set and self.block_minutes is not None:
+            raise ValueError("give block_epochs or block_minutes, not both")
         if self.name == "qat" and not (self.train_weights or self.learn_scales or self.learn_zero_points):
             raise ValueError("qat with train_weights, learn_scales and learn_zero_points all false has nothing to train")
         return self

@@ -287,14 +287,19 @@ def _training_lines(report: dict[str, Any]) -> list[str]:
 
 def _blockwise_lines(r: dict[str, Any]) -> list[str]:
     m = r["method"]
+    trains = [f"the scales (Adam, lr {m['block_qparam_lr']:g} in log space)"] if m["learn_scales"] else []
+    if m["train_weights"] and m["block_lr"] > 0:
+        trains.append(f"a rounding offset per weight (lr {m['block_lr']:g} grid steps)")
+    length = (f"a budget of {m['block_minutes']:g} minutes for the whole method" if m.get("block_minutes")
+              else f"{m['block_epochs']} passes over the calibration batches")
     return [
         "## Quantization-aware training, block by block",
         "",
-        f"Each decoder block started from {m['init']}; then its fake-quantized weights, scales and zero points were "
-        f"trained (AdamW, lr {m['block_lr']:g} for the weights, {m['block_qparam_lr']:g} for scales and zero points, "
-        f"{m['block_epochs']} passes over the calibration batches) to reproduce the full-precision block's output on "
-        "the calibration activations (mean squared error), and the next block was fed this block's quantized output. "
-        "The per-layer table in report.json has each block's output error before (`init_loss`) and after (`loss`).",
+        f"Each decoder block started from {m['init']}; then {' and '.join(trains) or 'nothing'} trained ({length}) "
+        "so that the block's output on the quantized model's activations reproduces the full-precision model's "
+        "output of that block (mean squared error on the calibration windows); the integer zero points stayed as "
+        f"{m['init']} chose them, and the next block was fed this block's quantized output. The per-layer table in "
+        "report.json has each block's output error before (`init_loss`) and after (`loss`) training, and its steps.",
         "",
     ]
 

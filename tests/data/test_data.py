@@ -73,6 +73,15 @@ def test_lambada_is_passages_not_wiki(lambada, wiki):
     assert not any(lambada[i : i + 100] in chunks for i in range(len(lambada) - 99))
 
 
+def test_news_is_a_third_text_apart_from_calibration_and_evaluation(lambada, wiki):
+    news = data.load_text("news")
+    articles = news.split("\n\n")
+    assert len(articles) == 300 and all(a.strip() == a and a for a in articles)
+    assert articles[0].startswith("Hundreds of people have been forced to vacate their homes")
+    chunks = {news[i : i + 100] for i in range(0, len(news) - 99, 100)}  # no 200-char passage shared with either
+    assert not any(text[i : i + 100] in chunks for text in (wiki, lambada) for i in range(len(text) - 99))
+
+
 # ---------------------------------------------------------------------------------------------------- local files
 
 
@@ -108,7 +117,7 @@ def _bad(spec: str, *words: str) -> None:
 
 
 def test_unknown_spec_lists_accepted_forms():
-    _bad("wikitext", "wiki", "lambada", ".txt", ".jsonl", "hf:")
+    _bad("wikitext", "wiki", "lambada", "news", ".txt", ".jsonl", "hf:")
 
 
 def test_missing_and_empty_files(tmp_path):

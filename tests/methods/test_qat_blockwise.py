@@ -3,6 +3,8 @@ exact integers, saves and reloads to the same logits, resumes to the same bytes,
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +17,9 @@ from llmq import numerics
 from llmq.calibration import capture_inputs, linear_clusters
 from llmq.errors import BadInputError
 from llmq.methods import BlockJob, block_method
-from llmq.methods.qat.block_ap import block_mse
+from llmq.methods.gptq import gptq_block
+from llmq.methods.qat.block_ap import StepBudget, block_mse
+from llmq.methods.qat.fake_quant import RoundingLinear
 from llmq.model.structure import decoder_blocks
 from llmq.recipe import Recipe
 
@@ -28,34 +32,55 @@ def _calibration_file(folder: Path) -> str:
     return str(path)
 
 
-def _blockwise(tiny_recipe, tmp_path, init="rtn", **method) -> dict:
-    tiny_recipe["method"] = {"name": "qat", "mode": "blockwise", "init": init, "block_epochs": 4, "block_lr": 1e-5,
-                             "block_qparam_lr": 1e-5, **method}
-    tiny_recipe["scheme"] = {"bits": 3, "group_size": 32, "symmetric": False}
+def _blockwise(tiny_recipe, tmp_path, init="rtn", bits=3, **method) -> dict:
+    tiny_recipe["method"] = {"name": "qat", "mode": "blockwise", "init": init, "block_epochs": 4, "block_lr": 0.05,
+                             "block_qparam_lr": 0.01, **method}
+    tiny_recipe["scheme"] = {"bits": bits, "group_size": 32, "symmetric": False}
     tiny_recipe["calibration"] = {"data": _calibration_file(tmp_path), "n_samples": 8, "seqlen": 32, "batch_size": 2}
     return tiny_recipe
 
 
-@pytest.mark.parametrize("init", ["rtn", "gptq"])
-def test_training_lowers_the_block_output_error_below_its_ptq_start(tiny_recipe, tmp_path, init):
-    recipe = Recipe.from_dict(_blockwise(tiny_recipe, tmp_path, init=init))
+def _first_block_job(recipe: Recipe):
+    """The tiny model, its first block, a job on seeded random token windows, with the full-precision outputs as
+    targets (what the walk hands block 0), and the rows the method logs."""
     model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=torch.float32).eval()
     ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
     _, blocks = decoder_blocks(model)
     inputs = capture_inputs(model, blocks[0], list(torch.split(ids, 2)), "cpu")
     rows = []
     job = BlockJob(recipe.scheme.to_scheme(), recipe.method, torch.float32, inputs, linear_clusters(blocks[0], inputs),
-                   rows.append)
+                   rows.append, targets=inputs.outputs(blocks[0]))
     names = [n for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)]
-    targets = inputs.outputs(blocks[0])  # the full-precision block's outputs
-    qweights = block_method(recipe.method).quantize_block(blocks[0], names, job)
+    return blocks[0], names, job, rows
+
+
+@pytest.mark.parametrize("init", ["rtn", "gptq"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_training_lowers_the_block_output_error_below_its_ptq_start(tiny_recipe, tmp_path, init, bits):
+    recipe = Recipe.from_dict(_blockwise(tiny_recipe, tmp_path, init=init, bits=bits))
+    block, names, job, rows = _first_block_job(recipe)
+    qweights = block_method(recipe.method).quantize_block(block, names, job)
     trained = [r for r in rows if r["method"] == "qat-block"]
-    assert len(trained) == len(names) and trained[0]["loss"] < trained[0]["init_loss"]
-    assert block_mse(blocks[0], job, targets) == pytest.approx(trained[0]["loss"], rel=1e-6)
+    assert len(trained) == len(names) and trained[0]["steps"] == 16
+    assert trained[0]["loss"] < trained[0]["init_loss"]
+    assert block_mse(block, job, job.targets) == pytest.approx(trained[0]["loss"], rel=1e-6)
     for name, qw in qweights.items():  # the block now holds exactly the integers' weights, as plain Linear layers
-        layer = blocks[0].get_submodule(name)
+        layer = block.get_submodule(name)
         assert type(layer) is torch.nn.Linear and not layer.weight.requires_grad
         assert torch.equal(layer.weight, numerics.dequantize(qw, recipe.scheme.to_scheme()))
+        assert int(qw.q.max()) <= (1 << bits) - 1
+
+
+def test_a_block_trained_with_nothing_to_learn_keeps_its_init_exactly(tiny_recipe, tmp_path):
+    """Learning rates of zero: the integers, scales and zero points are the init method's, bit for bit."""
+    recipe = Recipe.from_dict(_blockwise(tiny_recipe, tmp_path, init="gptq", block_lr=0.0, block_qparam_lr=0.0))
+    block, names, job, _ = _first_block_job(recipe)
+    init_block = copy.deepcopy(block)
+    trained = block_method(recipe.method).quantize_block(block, names, job)
+    init = gptq_block(init_block, names, dataclasses.replace(job, log=lambda row: None))
+    for name in names:
+        for a, b in zip(trained[name], init[name]):
+            assert (a is None and b is None) or torch.equal(a, b), name
 
 
 def test_run_saves_and_reloads_what_it_trained(tiny_recipe, tmp_path):
@@ -95,5 +120,108 @@ def test_blockwise_keys_are_refused_elsewhere():
         Recipe.from_dict({"model": "m", "method": {"name": "qat", "block_epochs": 3}})
     with pytest.raises(BadInputError, match="mode applies to method qat only"):
         Recipe.from_dict({"model": "m", "method": {"name": "gptq", "mode": "blockwise"}})
+    with pytest.raises(BadInputError, match="learn_zero_points: block-wise QAT keeps the init's integer zero points"):
+        Recipe.from_dict({"model": "m", "method": {"name": "qat", "mode": "blockwise", "learn_zero_points": True}})
+    with pytest.raises(BadInputError, match="give block_epochs or block_minutes, not both"):
+        Recipe.from_dict({"model": "m", "method": {"name": "qat", "mode": "blockwise", "block_epochs": 2,
+                                                   "block_minutes": 3}})
     r = Recipe.from_dict({"model": "m", "method": {"name": "qat", "mode": "blockwise"}})
     assert r.method.blockwise and llmq.methods.needs_calibration(r.method)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [16, 48, None])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rounding_layer_computes_exactly_the_integers_it_converts_to(bits, group_size, symmetric):
+    """Against the plain reference: after random rounding offsets and scale changes, the layer's forward weight is
+    dequantize(to_qweight()) bit for bit, its codes are round(init codes + offsets) clamped, and the scales'
+    gradient is the exact derivative of (q - z) · s (the codes do not follow the scales)."""
+    g = torch.Generator().manual_seed(bits * 7 + (group_size or 0))
+    scheme = numerics.Scheme(bits=bits, group_size=group_size, symmetric=symmetric)
+    linear = torch.nn.Linear(96, 37, bias=True)
+    torch.nn.init.normal_(linear.weight, generator=g)
+    init = numerics.quantize(linear.weight.data, scheme)
+    method = Recipe.from_dict({"model": "m", "method": {"name": "qat", "mode": "blockwise", "block_lr": 0.1}}).method
+    layer = RoundingLinear(linear, init, scheme, torch.float16, method)
+    with torch.no_grad():
+        layer.offsets.copy_(torch.rand(layer.offsets.shape, generator=g) * 3 - 1.5)
+        layer.log_scales.copy_(torch.randn(layer.log_scales.shape, generator=g) * 0.1)
+    qw = layer.to_qweight()
+    expected_codes = torch.clamp(torch.round(init.q.double() + layer.offsets.double()), 0, scheme.maxq)
+    assert torch.equal(qw.q.double(), expected_codes)
+    assert torch.equal(qw.scales, (init.scales * torch.exp(layer.log_scales)).half().float())
+    x = torch.randn(5, 96, generator=g)
+    w_ref = numerics.dequantize(qw, scheme)
+    out = layer(x)
+    assert torch.equal(out, torch.nn.functional.linear(x, w_ref, linear.bias))
+    # d out.sum() / d s[r, j] = Σ_{i in group j} (q - z)[r, i] · Σ_batch x[:, i]; through log space: · s (the
+    # unrounded one: the rounding to the stored fp16 passes gradients straight through)
+    out.sum().backward()
+    z = numerics.zero_values(qw.zeros, qw.scales, scheme)
+    gs = scheme.group_size_for(96)
+    per_col = (qw.q.double() - z.double().repeat_interleave(gs, 1)) * x.double().sum(0)
+    ds = per_col.reshape(37, -1, gs).sum(-1)
+    s = (init.scales * torch.exp(layer.log_scales.detach())).double()
+    torch.testing.assert_close(layer.log_scales.grad.double(), ds * s, rtol=1e-4, atol=1e-4)
+
+
+def test_the_walk_trains_each_block_toward_the_full_precision_model(tiny_recipe, tmp_path, monkeypatch):
+    """job.targets of every block are the full-precision model's hidden states after that block (not the block's
+    output on the quantized stream), and the quantized stream is what the block trains on."""
+    from llmq.methods.qat import block_ap
+    from llmq.quantization import blockwise
+
+    recipe = Recipe.from_dict(_blockwise(tiny_recipe, tmp_path, block_epochs=1))
+    model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states  # [embeddings, block 0, block 1 (normed)]
+        norm, model.model.norm = model.model.norm, torch.nn.Identity()
+        last = model(ids, output_hidden_states=True).hidden_states[-1]
+        model.model.norm = norm
+    seen = []
+    real = block_ap.qat_block
+
+    def spy(block, names, job, init):
+        seen.append(([t.clone() for t in job.targets], [h.clone() for h in job.inputs.hidden]))
+        return real(block, names, job, init)
+
+    monkeypatch.setattr(blockwise, "block_method", lambda m: llmq.methods.Method(
+        lambda b, n, j: spy(b, n, j, llmq.methods.METHODS["rtn"].quantize_block), True, True))
+    blockwise.quantize_model(model, recipe, torch.float32, ids)
+    assert len(seen) == 2
+    torch.testing.assert_close(torch.cat(seen[0][0]), states[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(seen[1][0]), last, rtol=0, atol=1e-5)
+    assert not torch.allclose(torch.cat(seen[1][1]), states[1], atol=1e-6)  # block 1 trains on the quantized stream
+
+
+def test_a_time_budget_is_planned_so_the_rest_of_the_walk_fits():
+    import time
+
+    budget = StepBudget(seconds=100.0, n_blocks=10, started=time.perf_counter() - 10.0)
+    steps = budget.plan(blocks_left=10, init_s=1.0, eval_s=0.5, step_s=0.2)
+    # left 100 * 0.97 - 10 = 87; fixed 2 * 0.5 + 9 * (4 * 0.5 + 1) = 28; (87 - 28) / (10 * 0.2) = 29.5 → 29
+    assert steps in (28, 29) and budget.steps == steps
+    assert StepBudget(5.0, 10, time.perf_counter() - 10.0).plan(10, 1.0, 0.5, 0.2) == 0  # over budget: no training
+
+
+def test_a_killed_run_with_a_time_budget_resumes_with_the_same_plan(tiny_recipe, tmp_path, monkeypatch):
+    from conftest import killed_at_block_1
+
+    from llmq.quantization import resume
+
+    recipe = _blockwise(tiny_recipe, tmp_path)
+    del recipe["method"]["block_epochs"]
+    recipe["method"]["block_minutes"] = 0.5
+    recipe["eval"] = None
+    with killed_at_block_1(monkeypatch), pytest.raises(RuntimeError, match="killed"):
+        llmq.run(recipe)
+    work = llmq.io.partial_dir(tmp_path / "out")
+    planned = resume.planned_block_steps(work)
+    assert planned is not None and planned > 0
+    seen = []
+    monkeypatch.setattr(StepBudget, "plan", lambda *a, **k: seen.append(a) or 0)  # a resume must not plan again
+    resumed = llmq.run(recipe)
+    assert resumed.report["quantization"]["resumed_at_block"] == 1 and not seen
+    steps = {r["block"]: r["steps"] for r in resumed.report["layers"] if r["method"] == "qat-block"}
+    assert steps == {"1": planned}

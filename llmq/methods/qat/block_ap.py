@@ -1,24 +1,33 @@
-"""Block-wise QAT (EfficientQAT's Block-AP): train one decoder block's quantization on cached activations.
+"""Block-wise QAT: train one decoder block's quantization on cached activations (after EfficientQAT's Block-AP and
+AutoRound), as a per-block method of the block walk (`method: {name: qat, mode: blockwise}`).
 
-`qat_block` is a per-block method of the block walk (`method: {name: qat, mode: blockwise}`), so it inherits the
-walk's bounds and guarantees: one block and its calibration activations in memory, a shard per finished block,
-resume after a kill, the same bytes for the same recipe. For one block:
+Being a block method, it inherits the walk's bounds and guarantees: one block and its calibration activations in
+memory, a shard per finished block, resume after a kill, the same bytes for the same recipe. For one block:
 
-1. target: the block's full-precision output on its inputs (the quantized previous blocks' outputs, as the walk
-   feeds them);
-2. init: the recipe's `init` method (rtn or gptq) on this block;
-3. prepare: its targeted Linear layers become `FakeQuantLinear`s from those QWeights (latent weights, scales and
-   zero points, straight-through rounding);
-4. train: AdamW on the mean squared error between the block's output and the target, `block_epochs` passes over
-   the calibration batches in their fixed order (deterministic);
-5. convert: exact integers (`FakeQuantLinear.to_qweight`), and their dequantized weights written back into the
-   block's Linear layers, so that the next block is fed this block's quantized output.
+1. target: the full-precision model's output of this block (`job.targets`: the walk carries the full-precision
+   activations beside the quantized ones), so each block also learns to undo the error the quantized blocks
+   before it left in its input;
+2. init: the recipe's `init` method (rtn or gptq) on this block, calibrated on the quantized inputs as usual;
+3. prepare: its targeted Linear layers become `RoundingLinear`s holding the init's integer codes; what trains is
+   a rounding offset per weight (a code moves once its offset crosses ±0.5) and the scales (in log space);
+4. train: Adam on the mean squared error between the block's output on the quantized inputs and the target,
+   `steps` passes of one calibration batch each, in a fixed order (deterministic), learning rates decaying
+   linearly to zero;
+5. convert: exact integers (`RoundingLinear.to_qweight`), written back into the block's Linear layers as their
+   dequantized weights, so the walk feeds the next block this block's quantized output.
+
+Why not the latent-weight fake quantization of whole-model QAT: GPTQ leaves every weight exactly on its grid,
+where LSQ's scale gradient is zero and Adam turns the remaining noise into steps of a full learning rate; measured
+on SmolLM2 W3g64 that made the block error worse than its GPTQ start (benchmarks/results/qat_blockwise_smollm2.json).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,62 +38,118 @@ from ...calibration.capture import first_output
 from ...errors import LlmqError
 from ...numerics import QWeight
 from ..job import BlockJob
-from .fake_quant import FakeQuantLinear, convert, prepare
+from .fake_quant import RoundingLinear
+
+logger = logging.getLogger(__name__)
 
 BlockMethod = Callable[[nn.Module, list[str], BlockJob], dict[str, QWeight]]
+SAFETY = 0.97  # of the time a plan may spend: step times drift and the method ends with writing files
 
 
+@dataclass
+class StepBudget:
+    """`block_minutes` as a number of training steps per block. Planned once, on the first block trained, from
+    what that block measured (its init, an evaluation pass, two timed steps on a throw-away copy), and kept (the
+    walk records it in its progress file), so a resumed run trains every block exactly as an uninterrupted one."""
+
+    seconds: float  # the whole method's wall clock
+    n_blocks: int
+    started: float  # time.perf_counter() when the method started
+    steps: int | None = None  # the plan, once made (or restored on resume)
+
+    def plan(self, blocks_left: int, init_s: float, eval_s: float, step_s: float) -> int:
+        """Steps per block so that the rest fits: this block still trains and evaluates twice (loss after, the
+        walk's advance); each later block also computes its targets, its init and its loss before training."""
+        left = self.seconds * SAFETY - (time.perf_counter() - self.started)
+        fixed = 2 * eval_s + (blocks_left - 1) * (4 * eval_s + init_s)
+        self.steps = max(0, int((left - fixed) / (blocks_left * step_s)))
+        logger.info(f"block-wise QAT: {self.steps} training steps per block fit {self.seconds / 60:g} minutes "
+                    f"({step_s:.2f} s a step, {init_s:.1f} s init and {eval_s:.2f} s per evaluation pass per block)")
+        return self.steps
+
+
+@torch.no_grad()
 def block_mse(block: nn.Module, job: BlockJob, targets: list[torch.Tensor]) -> float:
-    """Mean squared error of the block's outputs against `targets`, over every calibration batch."""
-    outs = job.inputs.outputs(block)
-    return float(sum(F.mse_loss(o.float(), t.float(), reduction="sum") for o, t in zip(outs, targets))
-                 / sum(t.numel() for t in targets))
+    """Mean squared error of the block's outputs (on the quantized inputs) against `targets`, over every batch."""
+    total = sum(F.mse_loss(first_output(block(h, *a, **k)).float(), t.float(), reduction="sum")
+                for h, (a, k), t in zip(job.inputs.hidden, job.inputs.extras, targets))
+    return float(total / sum(t.numel() for t in targets))
 
 
 def qat_block(block: nn.Module, names: list[str], job: BlockJob, init: BlockMethod) -> dict[str, QWeight]:
-    """Block-AP on the named Linear layers of one block (see the module docstring), starting from the block method
-    `init` (the registry's rtn or gptq); {name: QWeight}."""
+    """Block-wise QAT of the named Linear layers of one block (see the module docstring), starting from the block
+    method `init` (the registry's rtn or gptq); {name: QWeight}."""
     if job.inputs is None:
         raise LlmqError("block-wise QAT needs calibration activations for every block")
     t0 = time.perf_counter()
-    targets = job.inputs.outputs(block)
+    targets = job.targets if job.targets is not None else job.inputs.outputs(block)
     qweights = init(block, names, job)
-    prepare(block, qweights, {n: job.scheme_for(n) for n in qweights}, job.scale_dtype, job.config)
-    init_loss = block_mse(block, job, targets)  # the fake-quant block computes exactly the init's quantized block
-    _train(block, job, targets)
-    trained = convert(block)
-    for name in names:  # back to plain Linear layers holding the exact dequantized weights
-        fake = block.get_submodule(name)
-        block.set_submodule(name, _linear(fake, numerics.dequantize(trained[name], job.scheme_for(name))))
+    for name, qw in qweights.items():
+        block.set_submodule(name, RoundingLinear(block.get_submodule(name), qw, job.scheme_for(name), job.scale_dtype,
+                                                 job.config))
+    init_s = time.perf_counter() - t0
+    t = time.perf_counter()
+    init_loss = block_mse(block, job, targets)  # exactly the init's quantized block
+    steps = _steps(block, job, targets, init_s, eval_s=time.perf_counter() - t)
+    train_block(block, job, targets, steps)
+    trained = {name: block.get_submodule(name).to_qweight() for name in qweights}
+    for name, qw in trained.items():  # back to plain Linear layers holding the exact dequantized weights
+        block.set_submodule(name, _linear(block.get_submodule(name), numerics.dequantize(qw, job.scheme_for(name))))
     loss = block_mse(block, job, targets)
     seconds = (time.perf_counter() - t0) / max(len(names), 1)
     for name in names:
-        job.log({"layer": name, "method": "qat-block", "loss": loss, "init_loss": init_loss, "seconds": seconds})
+        job.log({"layer": name, "method": "qat-block", "loss": loss, "init_loss": init_loss, "steps": steps,
+                 "seconds": seconds})
     return trained
 
 
-def _linear(fake: FakeQuantLinear, weight: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(fake.in_features, fake.out_features, bias=fake.bias is not None, device=weight.device)
-    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-    if fake.bias is not None:
-        layer.bias = nn.Parameter(fake.bias.detach().clone(), requires_grad=False)
-    return layer
+def _steps(block: nn.Module, job: BlockJob, targets: list[torch.Tensor], init_s: float, eval_s: float) -> int:
+    """This block's training steps: `block_epochs` passes over the batches, or the time budget's plan (made here
+    on the first block, by timing two steps on a copy of the block)."""
+    budget = job.step_budget
+    if budget is None:
+        return job.config.block_epochs * len(targets)
+    if budget.steps is None:
+        trial = copy.deepcopy(block)
+        train_block(trial, job, targets, 1)  # the first step pays for allocations: not timed
+        t = time.perf_counter()
+        train_block(trial, job, targets, 2)
+        del trial
+        budget.plan(job.blocks_left, init_s, eval_s, (time.perf_counter() - t) / 2)
+    return budget.steps
 
 
-def _train(block: nn.Module, job: BlockJob, targets: list[torch.Tensor]) -> None:
-    """AdamW on the block's output error: latent weights at `block_lr`, scales and zero points at `block_qparam_lr`."""
+def _linear(layer: RoundingLinear, weight: torch.Tensor) -> nn.Linear:
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
+    out.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if layer.bias is not None:
+        out.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return out
+
+
+def train_block(block: nn.Module, job: BlockJob, targets: list[torch.Tensor], steps: int) -> None:
+    """Adam on the block's output error for `steps` steps, one calibration batch each (cycling in order): rounding
+    offsets at `block_lr` (grid steps), log scales at `block_qparam_lr`; both decay linearly to zero."""
     cfg = job.config
-    weights = [p for n, p in block.named_parameters() if p.requires_grad and n.endswith(".weight")]
-    qparams = [p for n, p in block.named_parameters() if p.requires_grad and not n.endswith(".weight")]
-    groups = [{"params": weights, "lr": cfg.block_lr}, {"params": qparams, "lr": cfg.block_qparam_lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
-    block.train()
+    block.requires_grad_(False)
+    offsets = [m.offsets for m in block.modules() if isinstance(m, RoundingLinear) and cfg.train_weights]
+    scales = [m.log_scales for m in block.modules() if isinstance(m, RoundingLinear) and cfg.learn_scales]
+    groups = [{"params": offsets, "lr": cfg.block_lr}, {"params": scales, "lr": cfg.block_qparam_lr}]
+    groups = [g for g in groups if g["params"] and g["lr"] > 0]
+    if steps <= 0 or not groups:
+        return
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    optimizer = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    batches = list(zip(job.inputs.hidden, job.inputs.extras, targets))
     with torch.enable_grad():
-        for _ in range(cfg.block_epochs):
-            for h, (args, kwargs), target in zip(job.inputs.hidden, job.inputs.extras, targets):
-                loss = F.mse_loss(first_output(block(h, *args, **kwargs)).float(), target.float())
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-    block.eval()
+        for step in range(steps):
+            h, (args, kwargs), target = batches[step % len(batches)]
+            loss = F.mse_loss(first_output(block(h, *args, **kwargs)).float(), target.float())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
     block.requires_grad_(False)

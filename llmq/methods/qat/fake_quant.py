@@ -62,6 +62,47 @@ class FakeQuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.scheme.bits}, trains={trains}"
 
 
+class RoundingLinear(nn.Module):
+    """A Linear layer for block-wise QAT: the initialisation's integer codes stay as a buffer, and what trains is
+    a rounding offset per weight (in grid steps, starting at 0: the codes move only where it crosses ±0.5) and the
+    scales (exact gradients: the codes do not follow the scales). Zero points keep the initialisation's integers.
+    Forward: `numerics.dequantize_learnable_codes`; `to_qweight` gives exactly the integers it computes with."""
+
+    def __init__(self, linear: nn.Linear, init: QWeight, scheme: Scheme, scale_dtype: torch.dtype, method: MethodConfig):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.scheme, self.scale_dtype = scheme, scale_dtype
+        self.register_buffer("codes", init.q.detach().clone())
+        self.register_buffer("zeros", None if init.zeros is None else init.zeros.detach().clone())
+        self.register_buffer("g_idx", None if init.g_idx is None else init.g_idx.clone())
+        self.offsets = nn.Parameter(torch.zeros(init.q.shape, dtype=torch.float32, device=init.q.device),
+                                    requires_grad=method.train_weights)
+        # scales train in log space: a learning rate is a relative step, the same for every layer's magnitude
+        self.register_buffer("init_scales", init.scales.detach().float().clone())
+        self.log_scales = nn.Parameter(torch.zeros_like(self.init_scales), requires_grad=method.learn_scales)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
+
+    def stored_scales(self) -> torch.Tensor:
+        """The scales as stored: init · exp(log_scales), rounded to the checkpoint's scale dtype (at 0, exactly the
+        initialisation's stored scales)."""
+        return numerics.stored_scales(self.init_scales * torch.exp(self.log_scales), self.scale_dtype, straight_through=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = numerics.dequantize_learnable_codes(self.codes, self.offsets, self.scheme, self.stored_scales(), self.zeros,
+                                                self.g_idx)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def to_qweight(self) -> QWeight:
+        q = numerics.learned_codes(self.codes, self.offsets, self.scheme.maxq).to(self.codes.dtype)
+        return QWeight(q, self.stored_scales().detach().clone(), None if self.zeros is None else self.zeros.clone(),
+                       self.g_idx)
+
+    def extra_repr(self) -> str:
+        trains = [n for n, p in self.named_parameters() if p.requires_grad]
+        return f"in={self.in_features}, out={self.out_features}, bits={self.scheme.bits}, trains={trains}"
+
+
 def prepare(model: nn.Module, qweights: dict[str, QWeight], scheme: Scheme | Mapping[str, Scheme], scale_dtype: torch.dtype,
             method: MethodConfig) -> None:
     """Swap each layer named in `qweights` (nn.Linear) for a FakeQuantLinear started from its QWeight, and freeze
