@@ -4,7 +4,8 @@
   called with (hidden states plus position embeddings, masks and other keyword arguments).
 - `BlockInputs`: those activations; it advances them through a block in place, or feeds a block with hooks on
   its Linear layers and an early stop once the layers of interest have seen their inputs (no need to finish the
-  block's forward for that).
+  block's forward for that). For block-wise QAT it also carries the full-precision model's activations entering
+  the same block (`reference`), the stream its training targets come from.
 - `linear_clusters`: a block's Linear layers in the order they are called, grouped by shared input (q/k/v,
   then o, then gate/up, then down for Llama) — the groups of GPTQ's true-sequential mode.
 
@@ -43,9 +44,10 @@ class BlockInputs:
     # (block-wise QAT); None otherwise
     reference: list[torch.Tensor] | None = None
 
-    def keep_reference(self) -> None:
-        """Start the full-precision stream: a copy of the hidden states (still equal before any block is quantized)."""
-        self.reference = [h.clone() for h in self.hidden]
+    def keep_reference(self, hidden: list[torch.Tensor] | None = None) -> None:
+        """Start the full-precision stream: `hidden` (captured with the full-precision token table, when the table is
+        quantized), or else a copy of the hidden states (equal before any block is quantized)."""
+        self.reference = hidden if hidden is not None else [h.clone() for h in self.hidden]
 
     @torch.no_grad()
     def reference_outputs(self, block: nn.Module) -> list[torch.Tensor]:
@@ -56,7 +58,7 @@ class BlockInputs:
     @torch.no_grad()
     def advance(self, block: nn.Module) -> None:
         """Replace the hidden states by the block's outputs, batch by batch in place: the next block's inputs
-        without ever holding a second full set of activations."""
+        without a second full set of the quantized stream's activations."""
         for h, (args, kwargs) in zip(self.hidden, self.extras):
             h.copy_(first_output(block(h, *args, **kwargs)))
 

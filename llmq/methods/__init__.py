@@ -4,9 +4,10 @@ PTQ methods quantize the targeted Linear layers of one decoder block at a time:
 `quantize_block(block, names, job) -> {name: QWeight}` with names relative to the block and a `BlockJob`
 holding the scheme, the recipe's method section and, when `needs_calibration`, the calibration activations
 entering the block. The block walk (quantization/blockwise.py) feeds blocks one at a time, from memory or from
-disk; turning QWeights into runtime modules is `checkpoint.quant_linear.replace_linears`' job. QAT (qat/: its
-fake-quant layers and training loop; quantization/qat.py runs it) trains the whole model at once and starts from
-one of the block methods' results; it has no `quantize_block`.
+disk; turning QWeights into runtime modules is `checkpoint.quant_linear.replace_linears`' job. QAT (qat/) has
+two modes: block-wise (`qat/block_ap.py`, a block method built on rtn or gptq that also needs the full-precision
+activations: `needs_reference`), and whole-model (fake-quant layers and a training loop; quantization/qat.py runs
+it), which trains the whole model at once from one of the block methods' results and has no `quantize_block`.
 """
 
 import functools

@@ -151,6 +151,15 @@ def _with_default_g_idx(qweights: dict[str, QWeight], schemes: dict[str, Scheme]
     }
 
 
+def _reference(model: nn.Module, plan: _Plan, method, batches: list[torch.Tensor], device) -> list[torch.Tensor] | None:
+    """The full-precision stream's first-block inputs, for a method that trains against the full-precision model,
+    when the token table is about to be quantized (captured before it is); None otherwise (the quantized stream's
+    first inputs are then the full-precision ones, copied by `keep_reference`)."""
+    if not (method.needs_reference and plan.embedding is not None and batches):
+        return None
+    return capture_inputs(model, plan.blocks[0], batches, device).hidden
+
+
 def _quantize_block(method, block: nn.Module, names: list[str], job: BlockJob) -> dict[str, QWeight]:
     """One block through the method; a method that trains against the full-precision model (`needs_reference`)
     gets the block's outputs on the full-precision stream, taken before the block is quantized, as `job.targets`."""
@@ -179,16 +188,18 @@ def quantize_model(
     plan, method = _plan(model, recipe), block_method(recipe.method)
     summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, schemes=plan.schemes, skipped=plan.skipped,
                               embedding=plan.embedding)
+    if method.needs_calibration and calibration is None:
+        raise LlmqError(f"method {recipe.method.name} needs calibration token windows")
+    batches = _batches(calibration, recipe.calibration.batch_size) if method.needs_calibration else []
+    device = next(model.parameters()).device
+    reference = _reference(model, plan, method, batches, device)
     if plan.embedding is not None:
         summary.embedding_qweight = quantize_embedding(model, recipe, plan.embedding, scale_dtype)
     inputs = clusters = None
     if method.needs_calibration:
-        if calibration is None:
-            raise LlmqError(f"method {recipe.method.name} needs calibration token windows")
-        device = next(model.parameters()).device
-        inputs = capture_inputs(model, plan.blocks[0], _batches(calibration, recipe.calibration.batch_size), device)
+        inputs = capture_inputs(model, plan.blocks[0], batches, device)
         if method.needs_reference:
-            inputs.keep_reference()
+            inputs.keep_reference(reference)
         clusters = linear_clusters(plan.blocks[0], inputs)
     qweights: dict[str, QWeight] = {}
     budget, n_blocks = step_budget(recipe, len(plan.blocks), t0), len(plan.blocks)
@@ -349,26 +360,27 @@ class _DiskWalk:
         first block's inputs, or take the saved activations of the block to resume at."""
         self.rest_keys = unique_state_keys(self.model, skip_prefix=f"{self.plan.prefix}.")
         self.reader.materialize(self.model, "", self.rest_keys, self.device)
+        if self.method.needs_calibration and calibration is None:
+            raise LlmqError(f"method {self.recipe.method.name} needs calibration token windows")
+        batches = _batches(calibration, self.recipe.calibration.batch_size) if self.method.needs_calibration else []
+        reference = _reference(self.model, self.plan, self.method, batches, self.device)
         if self.plan.embedding is not None:
             self.summary.embedding_qweight = quantize_embedding(self.model, self.recipe, self.plan.embedding,
                                                                 self.scale_dtype)
         if not self.method.needs_calibration:
             return None
-        if calibration is None:
-            raise LlmqError(f"method {self.recipe.method.name} needs calibration token windows")
-        batches = _batches(calibration, self.recipe.calibration.batch_size)
         inputs = capture_inputs(self.model, self.plan.blocks[0], batches, self.device)
         if self.method.needs_reference:
-            inputs.keep_reference()
+            inputs.keep_reference(reference)
         if self.done > 0:
             try:
                 saved = torch.load(self.work / ACTIVATIONS, map_location=self.device, weights_only=True)
             except Exception as e:  # noqa: BLE001 - missing, truncated or foreign: all mean "cannot resume from it"
                 raise LlmqError(f"{self.work / ACTIVATIONS}: unreadable ({type(e).__name__}); remove {self.work} to start "
                                 "over") from None
-            expected = inputs.saved()  # the shapes a resume file of this run holds
+            expected = [h.shape for h in inputs.hidden + (inputs.reference or [])]  # what a resume file of this run holds
             if (not isinstance(saved, list) or len(saved) != len(expected)
-                    or any(not isinstance(a, torch.Tensor) or a.shape != b.shape for a, b in zip(saved, expected))):
+                    or any(not isinstance(a, torch.Tensor) or a.shape != shape for a, shape in zip(saved, expected))):
                 raise LlmqError(f"{self.work / ACTIVATIONS}: saved activations do not match this run's calibration batches")
             n = len(inputs.hidden)
             inputs = inputs.with_hidden(saved[:n], saved[n:] if inputs.reference is not None else None)

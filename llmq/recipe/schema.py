@@ -324,6 +324,9 @@ class MethodConfig(Strict):
                              "offsets and scales); remove the key")
         if self.blockwise and "block_epochs" in self.model_fields_set and self.block_minutes is not None:
             raise ValueError("give block_epochs or block_minutes, not both")
+        if self.blockwise and not ((self.learn_scales and self.block_qparam_lr > 0) or (self.train_weights and self.block_lr > 0)):
+            raise ValueError("block-wise QAT with nothing to train: set learn_scales with block_qparam_lr > 0, or "
+                             "train_weights with block_lr > 0 (rounding offsets)")
         if self.name == "qat" and not (self.train_weights or self.learn_scales or self.learn_zero_points):
             raise ValueError("qat with train_weights, learn_scales and learn_zero_points all false has nothing to train")
         return self
@@ -583,7 +586,8 @@ class Recipe(Strict):
         """The validated recipe as plain data; keys added since a recipe format settled (overrides, budgets, the
         embedding's scheme, chat-template calibration) are left out when unused, so a recipe without them hashes (and
         resumes, and is saved) as before. (The output.dtype default became `auto`, which does change the hash of a
-        recipe that leaves the dtype out: an interrupted run of an older llmq is then refused, not resumed.)"""
+        recipe that leaves the dtype out: an interrupted run of an older llmq is then refused, not resumed; so did the
+        block-wise QAT learning rates' defaults, which every recipe's method section carries.)"""
         data = self.model_dump(mode="json")
         if not data["overrides"]:
             del data["overrides"]
@@ -594,6 +598,13 @@ class Recipe(Strict):
             del data["scheme"]["budget"]["embedding"]
         if not data["calibration"]["chat_template"]:
             del data["calibration"]["chat_template"]
+        method = data["method"]
+        if method["block_minutes"] is None:
+            del method["block_minutes"]
+        elif self.method.blockwise:
+            del method["block_epochs"]  # the budget decides; written both, the recipe would be refused on reading
+        if self.method.blockwise:
+            del method["learn_zero_points"]  # not used by this mode, and refused when given
         return data
 
     def hash(self) -> str:

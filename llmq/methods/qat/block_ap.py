@@ -1,8 +1,10 @@
 """Block-wise QAT: train one decoder block's quantization on cached activations (after EfficientQAT's Block-AP and
 AutoRound), as a per-block method of the block walk (`method: {name: qat, mode: blockwise}`).
 
-Being a block method, it inherits the walk's bounds and guarantees: one block and its calibration activations in
-memory, a shard per finished block, resume after a kill, the same bytes for the same recipe. For one block:
+Being a block method, it inherits the walk's bounds and guarantees: one block and its activations in memory (the
+quantized and the full-precision stream, and the block's targets), a shard per finished block, resume after a kill
+to the same bytes, and the same bytes for the same recipe (with `block_minutes`, for the same step plan: the plan
+depends on the machine's speed, and a resumed run keeps the one its first run made). For one block:
 
 1. target: the full-precision model's output of this block (`job.targets`: the walk carries the full-precision
    activations beside the quantized ones), so each block also learns to undo the error the quantized blocks
@@ -49,7 +51,7 @@ SAFETY = 0.97  # of the time a plan may spend: step times drift and the method e
 @dataclass
 class StepBudget:
     """`block_minutes` as a number of training steps per block. Planned once, on the first block trained, from
-    what that block measured (its init, an evaluation pass, two timed steps on a throw-away copy), and kept (the
+    what that block measured (its init, an evaluation pass, four timed steps on a throw-away copy), and kept (the
     walk records it in its progress file), so a resumed run trains every block exactly as an uninterrupted one."""
 
     seconds: float  # the whole method's wall clock
@@ -62,7 +64,7 @@ class StepBudget:
         walk's advance); each later block also computes its targets, its init and its loss before training."""
         left = self.seconds * SAFETY - (time.perf_counter() - self.started)
         fixed = 2 * eval_s + (blocks_left - 1) * (4 * eval_s + init_s)
-        self.steps = max(0, int((left - fixed) / (blocks_left * step_s)))
+        self.steps = max(0, int((left - fixed) / (blocks_left * max(step_s, 1e-6))))
         logger.info(f"block-wise QAT: {self.steps} training steps per block fit {self.seconds / 60:g} minutes "
                     f"({step_s:.2f} s a step, {init_s:.1f} s init and {eval_s:.2f} s per evaluation pass per block)")
         return self.steps
@@ -94,7 +96,8 @@ def qat_block(block: nn.Module, names: list[str], job: BlockJob, init: BlockMeth
     train_block(block, job, targets, steps)
     trained = {name: block.get_submodule(name).to_qweight() for name in qweights}
     for name, qw in trained.items():  # back to plain Linear layers holding the exact dequantized weights
-        block.set_submodule(name, _linear(block.get_submodule(name), numerics.dequantize(qw, job.scheme_for(name))))
+        layer = block.get_submodule(name)
+        block.set_submodule(name, _linear(layer, numerics.dequantize(qw, job.scheme_for(name), layer.weight_dtype)))
     loss = block_mse(block, job, targets)
     seconds = (time.perf_counter() - t0) / max(len(names), 1)
     for name in names:
@@ -105,25 +108,28 @@ def qat_block(block: nn.Module, names: list[str], job: BlockJob, init: BlockMeth
 
 def _steps(block: nn.Module, job: BlockJob, targets: list[torch.Tensor], init_s: float, eval_s: float) -> int:
     """This block's training steps: `block_epochs` passes over the batches, or the time budget's plan (made here
-    on the first block, by timing two steps on a copy of the block)."""
+    on the first block, by timing four steps on a copy of the block)."""
     budget = job.step_budget
     if budget is None:
         return job.config.block_epochs * len(targets)
+    if not any(isinstance(m, RoundingLinear) for m in block.modules()):
+        return 0  # nothing to train here (and nothing to time: the plan waits for a block that trains)
     if budget.steps is None:
         trial = copy.deepcopy(block)
-        train_block(trial, job, targets, 1)  # the first step pays for allocations: not timed
+        train_block(trial, job, targets, 2)  # the first steps pay for allocations: not timed
         t = time.perf_counter()
-        train_block(trial, job, targets, 2)
+        train_block(trial, job, targets, 4)
         del trial
-        budget.plan(job.blocks_left, init_s, eval_s, (time.perf_counter() - t) / 2)
+        budget.plan(job.blocks_left, init_s, eval_s, (time.perf_counter() - t) / 4)
     return budget.steps
 
 
 def _linear(layer: RoundingLinear, weight: torch.Tensor) -> nn.Linear:
-    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
+                    dtype=weight.dtype)
     out.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
     if layer.bias is not None:
-        out.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        out.bias = nn.Parameter(layer.bias.detach().to(weight.dtype), requires_grad=False)
     return out
 
 

@@ -1,5 +1,6 @@
 """QAT's layers: fake-quantized Linear layers that train through their rounding, and the conversion back to exact
-integers. The whole method runs in three steps (quantization/qat.py):
+integers. `RoundingLinear` is block-wise QAT's layer (block_ap.py): frozen init codes, trained scales and rounding
+offsets. `FakeQuantLinear` is whole-model QAT's, which runs in three steps (quantization/qat.py):
 
 1. prepare: the targeted Linear layers become `FakeQuantLinear`s, started from a PTQ result (`init: rtn | gptq`:
    the weights, scales and zero points that method chose). Their forward is `numerics.fake_quantize_learnable`,
@@ -11,8 +12,9 @@ integers. The whole method runs in three steps (quantization/qat.py):
    the fake-quant model computed (zero tolerance, tested).
 
 Only the targeted Linear layers train; embeddings, norms and the (ignored) lm_head keep the base model's values.
-Unlike RTN and GPTQ this method needs the whole model in memory (a forward and backward pass through all of it),
-so it does not use the one-block-at-a-time walk on disk — only, in memory, for its initialisation.
+Unlike RTN, GPTQ and block-wise QAT, whole-model QAT needs the whole model in memory (a forward and backward pass
+through all of it), so it does not use the one-block-at-a-time walk on disk — only, in memory, for its
+initialisation.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class RoundingLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.scheme, self.scale_dtype = scheme, scale_dtype
+        self.weight_dtype = linear.weight.dtype  # what the plain Linear layer after conversion holds
         self.register_buffer("codes", init.q.detach().clone())
         self.register_buffer("zeros", None if init.zeros is None else init.zeros.detach().clone())
         self.register_buffer("g_idx", None if init.g_idx is None else init.g_idx.clone())
