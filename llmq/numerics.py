@@ -350,6 +350,80 @@ def mse_qparams(
     return torch.cat(best_scales), zeros
 
 
+# ------------------------------------------------------------------------- llama.cpp's K-quant scale grid
+
+SUPER_BLOCK = 256  # llama.cpp's K-quants: one fp16 scale d per 256 inputs of a row ...
+# ... and every sub-block's scale an integer multiple k·d of it. For a symmetric llmq scheme, w = (q - 2^(b-1))·s
+# with s = k·d is exactly a K-quant block: bits -> (GGUF type, sub-block width, largest multiple k). Q4_K and Q2_K
+# store a min as well; symmetric codes use it as the fixed offset 2^(b-1)·s, so its multiple is k too.
+KQUANTS: dict[int, tuple[str, int, int]] = {4: ("Q4_K", 32, 63), 3: ("Q3_K", 16, 32), 2: ("Q2_K", 16, 15)}
+FP16_TINY = 2.0**-24  # the smallest positive fp16 value (subnormal)
+
+
+def kquant_type(scheme: Scheme, in_features: int) -> str | None:
+    """The K-quant type ('Q4_K' | 'Q3_K' | 'Q2_K') that can hold this scheme's layers of `in_features` inputs exactly
+    when their scales lie on its grid, or None: symmetric integer 2/3/4-bit, groups dividing 256 and made of whole
+    sub-blocks, in_features a multiple of 256."""
+    if scheme.format != "int" or not scheme.symmetric or scheme.bits not in KQUANTS or scheme.group_size is None:
+        return None
+    _, sub, _ = KQUANTS[scheme.bits]
+    if in_features % SUPER_BLOCK or SUPER_BLOCK % scheme.group_size or scheme.group_size % sub:
+        return None
+    return KQUANTS[scheme.bits][0]
+
+
+def kquant_scales(w: Tensor, scales: Tensor, scheme: Scheme, col_weights: Tensor | None = None) -> Tensor:
+    """The group scales [out, G] of w [out, in] moved onto the K-quant grid of `kquant_type(scheme, in)`: per
+    super-block of 256 inputs, d = the largest scale of a non-zero group / k_max rounded to fp16, and each group's
+    scale k·d with k the one of the two multiples around scale / d (in 1..k_max) that quantizes the group with the
+    smaller squared error (each input column weighted by col_weights[j] when given). fp32 holds k·d exactly."""
+    out, inp = w.shape
+    _, _, k_max = KQUANTS[scheme.bits]
+    per_super = SUPER_BLOCK // scheme.group_size
+    wg = _per_group(w.float(), scheme)  # [out, G, gs]
+    live = (wg.abs().amax(dim=-1) > 0).reshape(out, -1, per_super)
+    s = scales.float().reshape(out, -1, per_super)
+    top = torch.where(live, s, torch.zeros_like(s)).amax(dim=-1, keepdim=True)
+    d = (top / k_max).clamp(FP16_TINY, torch.finfo(torch.float16).max).to(torch.float16).float()
+    low = torch.floor(s / d).clamp(1, k_max)
+    c = None if col_weights is None else _per_group(col_weights.float().reshape(1, -1), scheme)
+    centre = float(1 << (scheme.bits - 1))
+    errors = []
+    for k in (low, (low + 1).clamp(max=k_max)):
+        sk = (k * d).reshape(out, -1, 1)
+        e = (from_grid(round_to_grid(wg, sk, centre, scheme.maxq), sk, centre) - wg).pow_(2)
+        errors.append((e if c is None else e.mul_(c)).sum(dim=-1).reshape(out, -1, per_super))
+    k = torch.where(errors[1] < errors[0], (low + 1).clamp(max=k_max), low)
+    return (k * d).reshape(out, -1)
+
+
+def kquant_factors(scales: Tensor, scheme: Scheme) -> tuple[Tensor, Tensor] | None:
+    """(d [out, in/256] fp16, k [out, in/256, groups per super-block] uint8 in 1..k_max) with k·d == scales exactly
+    in fp32, or None when some super-block's scales are not on the K-quant grid (what `kquant_scales` produces is)."""
+    _, _, k_max = KQUANTS[scheme.bits]
+    out = scales.shape[0]
+    s = scales.double().reshape(out, -1, SUPER_BLOCK // scheme.group_size)
+    top = s.amax(dim=-1, keepdim=True)
+    d = torch.zeros_like(top)
+    for m in range(k_max, 0, -1):  # the largest scale is m·d for some m; the first m that factors the block
+        cand = top / m
+        k = s / cand
+        ok = (cand.to(torch.float16).double() == cand) & ((k == k.round()) & (k >= 1) & (k <= k_max)).all(-1, keepdim=True)
+        d = torch.where((d == 0) & ok, cand, d)
+    k = (s / d).round()
+    if bool((d == 0).any()) or not torch.equal((k * d).float(), scales.float().reshape(s.shape)):
+        return None
+    return d.squeeze(-1).to(torch.float16), k.to(torch.uint8)
+
+
+def gguf_grid_scales(w: Tensor, scales: Tensor, scheme: Scheme, col_weights: Tensor | None = None) -> Tensor:
+    """Scales llama.cpp's block types hold exactly: on the K-quant grid where `kquant_type` allows, else fp16 values
+    (Q4_0 / Q4_1 / Q8_0 store one fp16 scale per block of 32)."""
+    if kquant_type(scheme, w.shape[1]) is not None:
+        return kquant_scales(w, scales, scheme, col_weights)
+    return stored_scales(scales, torch.float16)
+
+
 # ---------------------------------------------------------------------------------------------- packing
 
 

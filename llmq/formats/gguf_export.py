@@ -25,7 +25,7 @@ special ids, chat template) travels in the file, so llama.cpp runs it as is. Lla
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from ..checkpoint.safetensors_io import CheckpointReader
 from ..errors import BadInputError
 from ..io import atomic_file, check_output_file
 from ..model.structure import skeleton
+from .. import numerics
 from ..numerics import QWeight, Scheme, dequantize
 from .convert import ByLayer, LayerShape, embedding_shape, linear_shapes, read_layer
 from .detect import Detected, detect, read_config
@@ -94,18 +95,25 @@ def rotary_rows(n_rows: int, heads: int) -> torch.Tensor:
 
 
 def block_type(scheme: Scheme, qw: QWeight, layer: LayerShape) -> str:
-    """'Q4_0' | 'Q4_1' | 'Q8_0' for a layer, or a BadInputError saying why GGUF cannot hold it exactly."""
+    """'Q4_K' | 'Q3_K' | 'Q2_K' | 'Q4_0' | 'Q4_1' | 'Q8_0' for a layer, or a BadInputError saying why GGUF cannot
+    hold it exactly. A symmetric layer whose scales lie on the K-quant grid (method.gguf_grid) takes its K-quant."""
     if scheme.format != "int":
         raise BadInputError(f"{layer.name}: {scheme.format} codes have no GGUF block type with the same levels")
     if not is_trivial_g_idx(qw.g_idx, layer.in_features, scheme):
         raise BadInputError(f"{layer.name}: a per-column group order (g_idx, GPTQ act order without static groups) cannot "
                             "be stored in GGUF; re-quantize with static_groups: true")
+    centre = 1 << (scheme.bits - 1)
+    symmetric = bool(torch.all(qw.zeros == centre))
+    as_symmetric = replace(scheme, symmetric=True)
+    kquant = numerics.kquant_type(as_symmetric, layer.in_features) if symmetric else None
+    if kquant is not None and numerics.kquant_factors(qw.scales, as_symmetric) is not None:
+        return kquant
     group = scheme.group_size_for(layer.in_features)
     if group % BLOCK or layer.in_features % BLOCK:
         raise BadInputError(f"{layer.name}: group size {group} over {layer.in_features} inputs is not made of llama.cpp's "
-                            f"blocks of {BLOCK}; use group_size 32, 64, 128 or per-channel with in_features a multiple of 32")
-    centre = 1 << (scheme.bits - 1)
-    symmetric = bool(torch.all(qw.zeros == centre))
+                            f"blocks of {BLOCK}; use group_size 32, 64, 128 or per-channel with in_features a multiple of "
+                            f"{BLOCK}, or a symmetric 2/3-bit group of 16 on the K-quant grid (method.gguf_grid, "
+                            f"in_features a multiple of {numerics.SUPER_BLOCK})")
     if scheme.bits == 8:
         if not symmetric:
             raise BadInputError(f"{layer.name}: 8-bit with zero points has no GGUF block type (Q8_0 is symmetric); "
@@ -139,6 +147,47 @@ def encode_blocks(qw: QWeight, scheme: Scheme, kind: str) -> tuple[np.ndarray, f
     nibbles = codes.to(torch.uint8).numpy()
     packed = nibbles[..., : BLOCK // 2] | (nibbles[..., BLOCK // 2 :] << np.uint8(4))  # low nibbles: the first 16
     return np.concatenate([*head, packed], axis=-1).reshape(n, -1), scale_change, min_change
+
+
+def encode_kquant(qw: QWeight, scheme: Scheme, kind: str) -> np.ndarray:
+    """The layer's rows as K-quant super-blocks [out, in/256 * bytes per block] (uint8): llmq's symmetric codes q
+    with scales k·d (`numerics.kquant_factors`), laid out as llama.cpp's dequantizers read them (gguf's
+    `quants.py`). Every value is exact: (q - 2^(b-1))·k·d."""
+    n, k_in = qw.q.shape
+    scheme = replace(scheme, symmetric=True)
+    d, k = numerics.kquant_factors(qw.scales, scheme)  # [n, nb] fp16, [n, nb, groups per super-block]
+    _, sub, _ = numerics.KQUANTS[scheme.bits]
+    rows = n * (k_in // numerics.SUPER_BLOCK)
+    k = k.repeat_interleave(scheme.group_size // sub, dim=-1).reshape(rows, -1).numpy()  # one multiple per sub-block
+    d = d.reshape(rows).numpy()
+    q = qw.q.to(torch.uint8).reshape(rows, numerics.SUPER_BLOCK).numpy()
+    if kind == "Q4_K":  # d, dmin = 8·d, 12 bytes of 6-bit scales k and mins k (the offset 8·k·d), 4-bit codes
+        high = k[:, 4:] >> 4
+        scales = np.concatenate([k[:, :4] | (high << 6), k[:, :4] | (high << 6), (k[:, 4:] & 15) | ((k[:, 4:] & 15) << 4)], 1)
+        pairs = q.reshape(rows, 4, 2, 32)
+        codes = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(rows, 128)
+        return np.concatenate([_f16_bytes(torch.from_numpy(d)), _f16_bytes(torch.from_numpy(d * np.float16(8))),
+                               scales, codes], 1).reshape(n, -1)
+    low2 = _two_bit_planes(q & 3)
+    if kind == "Q2_K":  # 16 bytes of scales k | mins k << 4 (the offset 2·k·d with dmin = 2·d), 2-bit codes, d, dmin
+        return np.concatenate([k | (k << 4), low2, _f16_bytes(torch.from_numpy(d)),
+                               _f16_bytes(torch.from_numpy(d * np.float16(2)))], 1).reshape(n, -1)
+    # Q3_K: a bit plane of q >> 2 (llama.cpp subtracts 4 where it is 0), the low 2 bits, 6-bit scales u = 32 - k
+    # with the block scale -d (value -d·(u - 32) = k·d), d
+    planes = (q >> 2).reshape(rows, 8, 32)
+    hmask = np.bitwise_or.reduce(planes << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
+    u = (32 - k.astype(np.int16)).astype(np.uint8)
+    low4, high2 = u & 15, (u >> 4).reshape(rows, 4, 4)
+    scales = np.concatenate([low4[:, :8] | (low4[:, 8:] << 4),
+                             np.bitwise_or.reduce(high2 << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 4, 1), axis=1)], 1)
+    return np.concatenate([hmask, low2, scales, _f16_bytes(torch.from_numpy(-d))], 1).reshape(n, -1)
+
+
+def _two_bit_planes(c: np.ndarray) -> np.ndarray:
+    """2-bit values [rows, 256] as Q2_K / Q3_K store them: element e in byte 32·(e // 128) + e % 32, at bit
+    2·((e % 128) // 32)."""
+    c = c.reshape(c.shape[0], 2, 4, 32)
+    return np.bitwise_or.reduce(c << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1), axis=2).reshape(c.shape[0], 64)
 
 
 def _f16_bytes(t: torch.Tensor) -> np.ndarray:
@@ -207,9 +256,12 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
                              "symmetric per-row embedding, W8-sym, maps onto Q8_0 exactly)")
                 result.types[qtype] = result.types.get(qtype, 0) + 1
                 continue
-            data, scale_change, min_change = encode_blocks(qw, scheme, qtype)
-            scales_moved.add(scale_change)
-            mins_moved.add(min_change)
+            if qtype.endswith("_K"):  # exact by construction: kquant_factors reproduced every scale
+                data = encode_kquant(qw, scheme, qtype)
+            else:
+                data, scale_change, min_change = encode_blocks(qw, scheme, qtype)
+                scales_moved.add(scale_change)
+                mins_moved.add(min_change)
             writer.add_tensor(f"{name}.weight", data, raw_dtype=gguf.GGMLQuantizationType[qtype])
             result.layers += 1
         else:
@@ -364,7 +416,9 @@ def _write_dense(writer, gguf, name: str, t: torch.Tensor, embeddings: str) -> s
 def _file_type(gguf, types: dict[str, int]) -> int:
     """general.file_type: the block type most matrices use ('mostly Q4_0' ...), F32 / F16 for full precision."""
     ftypes = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+              "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S, "Q3_K": gguf.LlamaFileType.MOSTLY_Q3_K_S,
+              "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
               "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "F16": gguf.LlamaFileType.MOSTLY_F16, "F32": gguf.LlamaFileType.ALL_F32}
-    quantized = {k: v for k, v in types.items() if k in ("Q4_0", "Q4_1")}
+    quantized = {k: v for k, v in types.items() if k in ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K")}
     pick = max(quantized, key=quantized.get) if quantized else ("Q8_0" if "Q8_0" in types else "F16" if "F16" in types else "F32")
     return int(ftypes[pick])

@@ -26,7 +26,7 @@ def layer_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales and zero points of w [out, in] per the recipe's clipping (the search weighing input column j's error
     by col_weights[j] when given), with scales rounded to the dtype they are stored in (what is stored is what the
-    codes must fit; a tiny scale never rounds to zero in fp16 / bf16)."""
+    codes must fit; a tiny scale never rounds to zero in fp16 / bf16), or with `gguf_grid` moved onto llama.cpp's."""
     if method.clip == "mse":
         scales, zeros = numerics.mse_qparams(
             w, scheme, grid=method.clip_grid, max_shrink=method.clip_max_shrink, norm=method.clip_norm,
@@ -34,6 +34,8 @@ def layer_qparams(
         )
     else:
         scales, zeros = numerics.minmax_qparams(w, scheme)
+    if method.gguf_grid:  # scales llama.cpp's block types hold exactly (preflight: stored in float32)
+        return numerics.gguf_grid_scales(w, scales, scheme, col_weights), zeros
     return numerics.stored_scales(scales, scale_dtype), zeros
 
 

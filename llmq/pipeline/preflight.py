@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .. import data, formats
 from ..describe import scheme_words
 from ..environment import folder_dtype, output_dtype
@@ -12,6 +14,7 @@ from ..errors import BadInputError
 from ..evaluation import suite as suites
 from ..formats import bitsandbytes as bnb_format
 from ..methods import needs_calibration
+from ..numerics import kquant_type
 from ..model.resolve import resolve
 from ..model.structure import skeleton, targeted_linears
 from ..quantization import budget
@@ -40,9 +43,21 @@ def check_model_shapes(recipe: Recipe, folder: Path) -> dict[str, int]:
     layers = {n: m.in_features for n, m in linears.items()}
     schemes = check_against_layers(recipe, layers)
     embedding_plan(recipe, model)  # scheme.embedding's group size must divide the embedding width
+    _check_gguf_grid(recipe, schemes, layers, output_dtype(recipe.output.dtype, folder_dtype(folder)))
     if recipe.scheme.budget is not None:  # a budget no candidate assignment can meet fails here
         budget.plan_budget(recipe, model, linears, schemes, output_dtype(recipe.output.dtype, folder_dtype(folder)))
     return {n: layers[n] for n in schemes}
+
+
+def _check_gguf_grid(recipe: Recipe, schemes: dict, layers: dict[str, int], dtype: torch.dtype) -> None:
+    """K-quant scales (an fp16 value times a 6-bit integer) need float32 storage to stay exact."""
+    if not recipe.method.gguf_grid or dtype == torch.float32:
+        return
+    k_layers = [n for n, s in schemes.items() if kquant_type(s, layers[n]) is not None]
+    if k_layers:
+        raise BadInputError(f"output.dtype: method.gguf_grid puts {len(k_layers)} layer(s) (e.g. {k_layers[0]}) on the "
+                            f"K-quant grid, whose scales (an fp16 value times a small integer) {dtype} cannot hold; "
+                            "set output.dtype: float32")
 
 
 def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Recipe:

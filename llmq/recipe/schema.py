@@ -266,6 +266,11 @@ class MethodConfig(Strict):
     (inside a block, each group of layers is calibrated on the outputs of the already-quantized earlier ones),
     `clip_weights: hessian` (the clipping search weighs each input column's error by its Hessian diagonal).
 
+    RTN and GPTQ: `gguf_grid` puts the scales on llama.cpp's grids, so `llmq export --format gguf` holds exactly
+    these weights: symmetric 4/3/2-bit layers whose groups divide 256 (in_features a multiple of 256) on the
+    K-quant grid (Q4_K / Q3_K / Q2_K: per 256 inputs one fp16 scale d, each group's scale an integer multiple of
+    it), every other layer with fp16 scales (Q4_0 / Q4_1 / Q8_0). GPTQ needs static_groups with it.
+
     QAT only: `init` (rtn or gptq: where the fake-quant weights, scales and zero points start; with gptq the GPTQ
     keys above apply to that initialisation), `train_weights` (the latent full-precision weights are trained),
     `learn_scales` / `learn_zero_points` (LSQ-style learnable quantization parameters). The training run itself
@@ -290,6 +295,7 @@ class MethodConfig(Strict):
     static_groups: bool = False
     true_sequential: bool = True
     clip_weights: Literal["uniform", "hessian"] = "uniform"
+    gguf_grid: bool = False
     init: Literal["rtn", "gptq"] = "rtn"
     train_weights: bool = True
     learn_scales: bool = True
@@ -327,6 +333,11 @@ class MethodConfig(Strict):
         if self.blockwise and not ((self.learn_scales and self.block_qparam_lr > 0) or (self.train_weights and self.block_lr > 0)):
             raise ValueError("block-wise QAT with nothing to train: set learn_scales with block_qparam_lr > 0, or "
                              "train_weights with block_lr > 0 (rounding offsets)")
+        if self.gguf_grid and self.name == "qat":
+            raise ValueError("gguf_grid applies to methods rtn and gptq (QAT trains the scales off the grid)")
+        if self.gguf_grid and self.name == "gptq" and not self.static_groups:
+            raise ValueError("gguf_grid with gptq needs static_groups: true (a super-block's scales are chosen "
+                             "together, from the original weights, before GPTQ walks the columns)")
         if self.name == "qat" and not (self.train_weights or self.learn_scales or self.learn_zero_points):
             raise ValueError("qat with train_weights, learn_scales and learn_zero_points all false has nothing to train")
         return self

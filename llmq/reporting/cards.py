@@ -66,6 +66,7 @@ def _header(report: dict[str, Any], tags: list[str], extra: dict[str, Any] | Non
             "symmetric": s["symmetric"],
             **({"format": s["format"]} if s.get("format", "int") != "int" else {}),
             "clip": r["method"]["clip"],
+            **({"gguf_grid": True} if r["method"].get("gguf_grid") else {}),  # scales on llama.cpp's grids
             **({k: r["method"][k] for k in GPTQ_KEYS} if _uses_gptq(r["method"]) else {}),
             **({k: r["method"].get(k) for k in QAT_KEYS} if r["method"]["name"] == "qat" else {}),
             **(extra or {}),
