@@ -377,7 +377,7 @@ def kquant_scales(w: Tensor, scales: Tensor, scheme: Scheme, col_weights: Tensor
     super-block of 256 inputs, d = the largest scale of a non-zero group / k_max rounded to fp16, and each group's
     scale k·d with k the one of the two multiples around scale / d (in 1..k_max) that quantizes the group with the
     smaller squared error (each input column weighted by col_weights[j] when given). fp32 holds k·d exactly."""
-    out, inp = w.shape
+    out = w.shape[0]
     _, _, k_max = KQUANTS[scheme.bits]
     per_super = SUPER_BLOCK // scheme.group_size
     wg = _per_group(w.float(), scheme)  # [out, G, gs]

@@ -9,6 +9,12 @@ block by block of 32 input columns, so the GPTQ / QAT work survives the trip:
 | 2/3/4-bit symmetric (zero 2^(b-1)), group a multiple of 32 or per-channel | Q4_0 | (c - 8)·d, c = q - 2^(b-1) + 8 | the scale is an fp16 value |
 | 2/3/4-bit asymmetric | Q4_1 | c·d + m, c = q, d = s, m = -z·s | s and z·s are fp16 values |
 | 8-bit symmetric | Q8_0 | c·d, c = q - 128 | the scale is an fp16 value |
+| 4-bit symmetric, in_features a multiple of 256 | Q4_K | c·k·d - k·8d, c = q | scales k·d per 256 inputs, k ≤ 63 |
+| 3-bit symmetric, same | Q3_K | (c - 4)·k·d, c = q | scales k·d per 256 inputs, k ≤ 32 |
+| 2-bit symmetric, same | Q2_K | c·k·d - k·2d, c = q | scales k·d per 256 inputs, k ≤ 15 |
+
+The K-quant rows need scales on the K-quant grid (one fp16 d per super-block of 256 inputs, integer multiples of it
+per group: `method.gguf_grid`, numerics.kquant_scales); a layer whose scales are on it takes its K-quant, exactly.
 
 A group of 64 or 128 is two or four blocks of 32 with the same scale, exact. Scales that are not fp16 values are
 rounded to the nearest one (relative change ≤ 2^-11; the export says how many layers and how much): a recipe with
@@ -31,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import numerics
 from ..checkpoint.config import LlmqConfig
 from ..checkpoint.safetensors_io import CheckpointReader
 from ..errors import BadInputError
 from ..io import atomic_file, check_output_file
 from ..model.structure import skeleton
-from .. import numerics
 from ..numerics import QWeight, Scheme, dequantize
 from .convert import ByLayer, LayerShape, embedding_shape, linear_shapes, read_layer
 from .detect import Detected, detect, read_config

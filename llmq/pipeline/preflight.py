@@ -14,9 +14,9 @@ from ..errors import BadInputError
 from ..evaluation import suite as suites
 from ..formats import bitsandbytes as bnb_format
 from ..methods import needs_calibration
-from ..numerics import kquant_type
 from ..model.resolve import resolve
 from ..model.structure import skeleton, targeted_linears
+from ..numerics import kquant_type
 from ..quantization import budget
 from ..quantization.blockwise import embedding_plan
 from ..recipe import BNB_FORMATS, Recipe, check_against_layers
