@@ -50,7 +50,8 @@ def check_model_shapes(recipe: Recipe, folder: Path) -> dict[str, int]:
 
 
 def _check_gguf_grid(recipe: Recipe, schemes: dict, layers: dict[str, int], dtype: torch.dtype) -> None:
-    """K-quant scales (an fp16 value times a 6-bit integer) need float32 storage to stay exact."""
+    """gguf_grid's scales must survive storage: K-quant scales (an fp16 value times a small integer) need float32,
+    the others (fp16 values) float32 or float16."""
     if not recipe.method.gguf_grid or dtype == torch.float32:
         return
     k_layers = [n for n, s in schemes.items() if kquant_type(s, layers[n]) is not None]
@@ -58,6 +59,9 @@ def _check_gguf_grid(recipe: Recipe, schemes: dict, layers: dict[str, int], dtyp
         raise BadInputError(f"output.dtype: method.gguf_grid puts {len(k_layers)} layer(s) (e.g. {k_layers[0]}) on the "
                             f"K-quant grid, whose scales (an fp16 value times a small integer) {dtype} cannot hold; "
                             "set output.dtype: float32")
+    if dtype != torch.float16:
+        raise BadInputError(f"output.dtype: method.gguf_grid gives fp16 scales, which {dtype} cannot hold; set "
+                            "output.dtype: float32 or float16")
 
 
 def validate(recipe: Recipe | str | Path | dict, check_model: bool = True) -> Recipe:

@@ -100,6 +100,8 @@ def cache_key(recipe: Recipe, base_dir: Path, windows: torch.Tensor, cands: list
         "clip": [m.clip, m.clip_grid, m.clip_max_shrink, m.clip_norm], "scale_dtype": str(scale_dtype).removeprefix("torch."),
         "gptq": [m.init_method == "gptq", m.damp],
     }
+    if m.gguf_grid:  # (only when set: the keys of existing caches stay as they were)
+        parts["gguf_grid"] = True
     if embedding is not None:
         parts["embedding"] = [embedding.name, embedding.tied_head,
                               [None if c is None else [c.bits, c.group_size, c.symmetric] for c in embedding.schemes]]

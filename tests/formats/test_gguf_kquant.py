@@ -131,6 +131,9 @@ def test_gguf_grid_refusals(wide_llama, tmp_path):
         llmq.validate({**base, "method": {"name": "qat", "gguf_grid": True}})
     with pytest.raises(BadInputError, match="output.dtype.*float32"):
         llmq.validate({**base, "method": {"name": "rtn", "gguf_grid": True}, "output": {"dir": str(tmp_path / "n"), "dtype": "float16"}})
+    with pytest.raises(BadInputError, match="output.dtype.*float32 or float16"):  # no K layer, but bf16 scales
+        llmq.validate({**base, "scheme": {"bits": 4, "group_size": 32, "symmetric": False},
+                       "method": {"name": "rtn", "gguf_grid": True}, "output": {"dir": str(tmp_path / "n"), "dtype": "bfloat16"}})
     assert not (tmp_path / "never").exists() and not (tmp_path / "n").exists()
 
 
