@@ -1,5 +1,6 @@
 """What a leaderboard row and a results-store record say about a checkpoint: name, kind, method, scheme, weight bits,
-size on disk, base model — read from its config.json (and recipe.yaml for llmq checkpoints), no weights loaded."""
+size on disk, base model, the method's seconds — read from its config.json (and recipe.yaml / report.json for llmq
+checkpoints), no weights loaded."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def describe_checkpoint(spec: str, folder: Path, name: str | None = None, base: 
                     scheme=scheme_words(qc.get("bits"), qc.get("group_size"), qc.get("sym"), short=True))
         if qc.get("layers"):  # per-layer schemes: the weight bits actually stored, on average
             info.update(bits=round(stored_bits_per_weight(folder), 3), scheme=f"mixed (default {info['scheme']})")
+        seconds = _method_seconds(folder / "report.json")
+        if seconds is not None:  # what making it cost: the method's wall clock (GPTQ, QAT training included)
+            info["method_s"] = seconds
         emb = qc.get("embedding")
         if isinstance(emb, dict):  # bits stay the Linear layers'; the size column counts the smaller table
             info["scheme"] += f", embedding {scheme_words(emb.get('bits'), emb.get('group_size'), emb.get('sym'), short=True)}"
@@ -68,6 +72,15 @@ def stored_bits_per_weight(folder: Path) -> float:
     layers = [n for n in (k.removesuffix(".qweight") for k in sizes if k.endswith(".qweight")) if n in shapes]
     stored = sum(sizes.get(f"{n}.{leaf}", 0) for n in layers for leaf in ("qweight", "scales", "qzeros", "g_idx"))
     return 8 * stored / sum(shapes[n].in_features * shapes[n].out_features for n in layers)
+
+
+def _method_seconds(path: Path) -> float | None:
+    """report.json's `timings.quantize_s` (the method's wall clock: calibration, GPTQ, QAT training), or None."""
+    try:
+        seconds = json.loads(path.read_text(encoding="utf-8"))["timings"]["quantize_s"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return round(float(seconds), 1) if isinstance(seconds, (int, float)) else None
 
 
 def _saved_recipe(path: Path) -> dict[str, Any]:

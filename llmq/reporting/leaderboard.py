@@ -1,7 +1,8 @@
 """The leaderboard: one suite's results from the results store as a Markdown table, a sortable HTML page and plots.
 
 Why it exists: people choose a quantization by comparing rows, so every row must come from the same suite and
-say the same things: method, scheme, weight bits, size on disk, the perplexity protocol, every task with its
+say the same things: method, scheme, weight bits, size on disk, the method's wall clock (accuracy against effort:
+what PTQ-or-QAT users weigh), the perplexity protocol, every task with its
 standard error, the average of the tasks' primary metrics and the recovery of that average against the row's base
 model (quantized average / base average; the base is the full-precision row named by the quantized row's `base`).
 The plots: wiki perplexity against weight bits, and average accuracy against size on disk with the Pareto front
@@ -95,14 +96,15 @@ def _cell(record: dict[str, Any] | None) -> str:
 
 def _columns(labels: list[str], rows: list[Row]) -> list[str]:
     metrics = {label: next((r.tasks[label]["metric"] for r in rows if label in r.tasks), "") for label in labels}
-    return ["model", "method", "scheme", "bits", "size MB", "wiki ppl", *[f"{k} ({v})" for k, v in metrics.items()],
+    return ["model", "method", "scheme", "bits", "size MB", "method s", "wiki ppl", *[f"{k} ({v})" for k, v in metrics.items()],
             "average", "recovery"]
 
 
 def _cells(row: Row, labels: list[str]) -> list[str]:
     m = row.model
     return [row.name, str(m.get("method") or "-"), str(m.get("scheme") or "-"), str(m.get("bits") or "-"),
-            f"{m.get('size_bytes', 0) / 1e6:.1f}", "-" if row.ppl is None else f"{row.ppl:.3f}",
+            f"{m.get('size_bytes', 0) / 1e6:.1f}", "-" if m.get("method_s") is None else f"{m['method_s']:.0f}",
+            "-" if row.ppl is None else f"{row.ppl:.3f}",
             *[_cell(row.tasks.get(label)) for label in labels],
             "-" if row.average is None else f"{row.average:.4f}", "-" if row.recovery is None else f"{row.recovery:.1%}"]
 
@@ -113,8 +115,10 @@ def markdown(rows: list[Row], labels: list[str], suite: str) -> str:
     shots = {label: next(r.tasks[label]["shots"] for r in rows if label in r.tasks) for label in labels}
     lines = [
         f"Suite `{suite}`: " + ", ".join(f"{label} {shots[label]}-shot ({samples[label]} docs)" for label in labels) + ".",
-        "Scores ± standard error; average = mean of the tasks' primary metrics (perplexities excluded); "
-        "recovery = average / the base model's average. wiki ppl = the perplexity protocol (not lm-eval's word perplexity).",
+        ("Scores ± standard error; average = mean of the tasks' primary metrics (perplexities excluded); "
+         "recovery = average / the base model's average. wiki ppl = the perplexity protocol (not lm-eval's word perplexity). "
+         "method s = the quantization method's wall clock (report.json; GPTQ, QAT training included) where the checkpoint "
+         "has it."),
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),

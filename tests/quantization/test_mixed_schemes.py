@@ -256,6 +256,7 @@ def test_budget_run_meets_bits_per_weight_and_resumes_byte_identically(tiny_reci
 
     info = describe_checkpoint(str(resumed.output_dir), resumed.output_dir)
     assert info["scheme"].startswith("mixed") and info["bits"] == pytest.approx(bits / weights, abs=1e-3)
+    assert info["method_s"] == round(resumed.report["timings"]["quantize_s"], 1)  # the leaderboard's "method s"
 
 
 def test_untied_budget_and_the_units_it_solves_for():
