@@ -29,7 +29,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+# What GPTQ / compressed-tensors loaders (GPTQModel, vLLM, transformers) read: 5 and 6 bits are llmq's and GGUF's only.
+PEER_BITS = (2, 3, 4, 8)
 
 # bitsandbytes' 4-bit data types, indexed by code: NF4 (QLoRA, Dettmers et al. 2023: quantiles of a normal
 # distribution, normalized to [-1, 1]) and its FP4 (e2m1 values normalized to [-1, 1]). tests/test_bitsandbytes.py
@@ -354,16 +356,17 @@ def mse_qparams(
 
 SUPER_BLOCK = 256  # llama.cpp's K-quants: one fp16 scale d per 256 inputs of a row ...
 # ... and every sub-block's scale an integer multiple k·d of it. For a symmetric llmq scheme, w = (q - 2^(b-1))·s
-# with s = k·d is exactly a K-quant block: bits -> (GGUF type, sub-block width, largest multiple k). Q4_K and Q2_K
-# store a min as well; symmetric codes use it as the fixed offset 2^(b-1)·s, so its multiple is k too.
-KQUANTS: dict[int, tuple[str, int, int]] = {4: ("Q4_K", 32, 63), 3: ("Q3_K", 16, 32), 2: ("Q2_K", 16, 15)}
+# with s = k·d is exactly a K-quant block: bits -> (GGUF type, sub-block width, largest multiple k). Q5_K, Q4_K and
+# Q2_K store a min as well; symmetric codes use it as the fixed offset 2^(b-1)·s, so its multiple is k too.
+KQUANTS: dict[int, tuple[str, int, int]] = {6: ("Q6_K", 16, 127), 5: ("Q5_K", 32, 63), 4: ("Q4_K", 32, 63),
+                                            3: ("Q3_K", 16, 32), 2: ("Q2_K", 16, 15)}
 FP16_TINY = 2.0**-24  # the smallest positive fp16 value (subnormal)
 
 
 def kquant_type(scheme: Scheme, in_features: int) -> str | None:
-    """The K-quant type ('Q4_K' | 'Q3_K' | 'Q2_K') that can hold this scheme's layers of `in_features` inputs exactly
-    when their scales lie on its grid, or None: symmetric integer 2/3/4-bit, groups dividing 256 and made of whole
-    sub-blocks, in_features a multiple of 256."""
+    """The K-quant type ('Q6_K' | 'Q5_K' | 'Q4_K' | 'Q3_K' | 'Q2_K') that can hold this scheme's layers of
+    `in_features` inputs exactly when their scales lie on its grid, or None: symmetric integer 2- to 6-bit, groups
+    dividing 256 and made of whole sub-blocks, in_features a multiple of 256."""
     if scheme.format != "int" or not scheme.symmetric or scheme.bits not in KQUANTS or scheme.group_size is None:
         return None
     _, sub, _ = KQUANTS[scheme.bits]

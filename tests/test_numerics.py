@@ -8,7 +8,7 @@ import torch
 from llmq import numerics
 from llmq.numerics import Scheme, dequantize, fake_quantize, minmax_qparams, mse_qparams, pack, quantize, unpack
 
-BITS = (2, 3, 4, 8)
+BITS = numerics.SUPPORTED_BITS  # 2, 3, 4, 5, 6, 8
 GROUPS = (None, 32, 64, 128)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .. import describe
+from .. import describe, numerics
 from ..checkpoint.config import LlmqConfig
 from ..checkpoint.safetensors_io import CheckpointReader, files_stamp
 from ..environment import cache_dir, dtype_of_config
@@ -89,6 +89,10 @@ def export_checkpoint(src: str | Path, dst: str | Path, format: str, gptq_versio
     layers = quantized_layers(CheckpointReader(src), decoder, shapes,
                               dense_embedding.layer.name if dense_embedding else None)
     schemes = {n: decoder.scheme_for(n) for n in layers}
+    odd = next((n for n, s in schemes.items() if s.bits not in numerics.PEER_BITS), None)
+    if odd is not None:
+        raise BadInputError(f"{odd}: {schemes[odd].bits}-bit; {format} loaders read {', '.join(map(str, numerics.PEER_BITS))}-bit "
+                            "weights (5- and 6-bit layers export to GGUF, or stay in llmq's format)")
     if format == "gptq":
         prefix, blocks = decoder_blocks(model)
         per_block, in_block0 = gptq.block_layout(layers, list(shapes), prefix, len(blocks))

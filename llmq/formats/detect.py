@@ -12,10 +12,10 @@ from typing import Any
 
 from ..describe import scheme_words
 from ..errors import BadInputError
-from ..numerics import SUPPORTED_BITS
+from ..numerics import PEER_BITS
 from ..recipe import load_json
 
-_BITS = "/".join(map(str, SUPPORTED_BITS))
+_BITS = "/".join(map(str, PEER_BITS))
 # What llmq reads, as the message to users says it.
 IMPORTABLE = (f"GPTQ checkpoints (v1 and v2 zero points, {_BITS}-bit) and compressed-tensors pack-quantized int "
               f"checkpoints ({_BITS}-bit)")
@@ -66,7 +66,7 @@ def _gptq(qc: dict[str, Any]) -> Detected:
     label = f"a GPTQ {version or fmt} checkpoint ({scheme_words(qc.get('bits'), qc.get('group_size'), qc.get('sym', True))})"
     if version is None:
         return Detected("gptq", label, problem=f"GPTQ checkpoint_format {fmt!r} (llmq reads 'gptq' and 'gptq_v2')", quantization_config=qc)
-    if qc.get("bits") not in SUPPORTED_BITS:
+    if qc.get("bits") not in PEER_BITS:
         return Detected("gptq", label, problem=f"{qc.get('bits')}-bit GPTQ (llmq reads {_bits_words()} bits)",
                         quantization_config=qc)
     return Detected("gptq", label, importable=True, quantization_config=qc)
@@ -91,7 +91,7 @@ def ct_weight_args(qc: dict[str, Any]) -> tuple[dict[str, Any] | None, str | Non
     for w in schemes:  # several groups (per-layer schemes) are read layer by layer: compressed_tensors.layer_schemes
         if not isinstance(w, dict):
             return None, "the weights of a config group are not a mapping"
-        if w.get("type", "int") != "int" or w.get("num_bits") not in SUPPORTED_BITS:
+        if w.get("type", "int") != "int" or w.get("num_bits") not in PEER_BITS:
             return None, f"weights {w.get('type', 'int')} {w.get('num_bits')}-bit (llmq reads int {_bits_words()} bits)"
         if w.get("strategy") not in ("group", "channel"):
             return None, f"weight strategy {w.get('strategy')!r} (llmq reads 'group' and 'channel')"
@@ -114,7 +114,7 @@ def _compressed_tensors(qc: dict[str, Any]) -> Detected:
 
 def _bits_words() -> str:
     """'2, 3, 4 and 8'."""
-    return ", ".join(map(str, SUPPORTED_BITS[:-1])) + f" and {SUPPORTED_BITS[-1]}"
+    return ", ".join(map(str, PEER_BITS[:-1])) + f" and {PEER_BITS[-1]}"
 
 
 def unsupported_message(folder: str | Path, found: Detected, action: str) -> str:

@@ -120,11 +120,13 @@ def block_type(scheme: Scheme, qw: QWeight, layer: LayerShape) -> str:
                             f"blocks of {BLOCK}; use group_size 32, 64, 128 or per-channel with in_features a multiple of "
                             f"{BLOCK}, or a symmetric 2/3-bit group of 16 on the K-quant grid (method.gguf_grid, "
                             f"in_features a multiple of {numerics.SUPER_BLOCK})")
-    if scheme.bits == 8:
+    if scheme.bits in (6, 8):
         if not symmetric:
-            raise BadInputError(f"{layer.name}: 8-bit with zero points has no GGUF block type (Q8_0 is symmetric); "
-                                "quantize with symmetric: true")
-        return "Q8_0"
+            raise BadInputError(f"{layer.name}: {scheme.bits}-bit with zero points has no GGUF block type (Q8_0 and Q6_K "
+                                "are symmetric); quantize with symmetric: true")
+        return "Q8_0"  # 6-bit codes fit Q8_0's int8 exactly (Q6_K, smaller, needs the K-quant grid)
+    if scheme.bits == 5:
+        return "Q5_0" if symmetric else "Q5_1"
     return "Q4_0" if symmetric else "Q4_1"
 
 
@@ -138,20 +140,25 @@ def encode_blocks(qw: QWeight, scheme: Scheme, kind: str) -> tuple[np.ndarray, f
     q = qw.q.to(torch.int32).reshape(n, k // BLOCK, BLOCK)
     d = s.to(torch.float16)
     scale_change = _relative_change(s, d, s)
+    centre = 1 << (scheme.bits - 1)
     if kind == "Q8_0":
-        codes = (q - 128).to(torch.int8).numpy().view(np.uint8)
+        codes = (q - centre).to(torch.int8).numpy().view(np.uint8)
         return np.concatenate([_f16_bytes(d), codes], axis=-1).reshape(n, -1), scale_change, 0.0
     min_change = 0.0
-    if kind == "Q4_0":
-        codes = q - (1 << (scheme.bits - 1)) + 8
+    if kind in ("Q4_0", "Q5_0"):  # (c - 8)·d or (c - 16)·d
+        codes = q - centre + (8 if kind == "Q4_0" else 16)
         head = [_f16_bytes(d)]
-    else:  # Q4_1: value = c·d + m with c = q, m = -z·s
+    else:  # Q4_1 / Q5_1: value = c·d + m with c = q, m = -z·s
         codes = q
         m = (-z * s).to(torch.float16)
         min_change = _relative_change(-z * s, m, s)
         head = [_f16_bytes(d), _f16_bytes(m)]
-    nibbles = codes.to(torch.uint8).numpy()
-    packed = nibbles[..., : BLOCK // 2] | (nibbles[..., BLOCK // 2 :] << np.uint8(4))  # low nibbles: the first 16
+    codes = codes.to(torch.uint8).numpy()
+    if kind in ("Q5_0", "Q5_1"):  # bit 4 of code i is bit i of a little-endian uint32
+        high = ((codes >> 4).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)
+        head.append(high.astype("<u4")[..., None].view(np.uint8))
+        codes = codes & np.uint8(15)
+    packed = codes[..., : BLOCK // 2] | (codes[..., BLOCK // 2 :] << np.uint8(4))  # low nibbles: the first 16
     return np.concatenate([*head, packed], axis=-1).reshape(n, -1), scale_change, min_change
 
 
@@ -167,26 +174,39 @@ def encode_kquant(qw: QWeight, scheme: Scheme, kind: str) -> np.ndarray:
     k = k.repeat_interleave(scheme.group_size // sub, dim=-1).reshape(rows, -1).numpy()  # one multiple per sub-block
     d = d.reshape(rows).numpy()
     q = qw.q.to(torch.uint8).reshape(rows, numerics.SUPER_BLOCK).numpy()
-    if kind == "Q4_K":  # d, dmin = 8·d, 12 bytes of 6-bit scales k and mins k (the offset 8·k·d), 4-bit codes
-        high = k[:, 4:] >> 4
+    if kind == "Q6_K":  # low 4 bits, high 2 bits, int8 scales k, d: value d·k·(c - 32), c = q
+        low = (q & 15).reshape(rows, 2, 2, 64)
+        ql = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(rows, 128)
+        qh = np.bitwise_or.reduce((q >> 4).reshape(rows, 2, 4, 32) << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1),
+                                  axis=2).reshape(rows, 64)
+        return np.concatenate([ql, qh, k.astype(np.int8).view(np.uint8), _f16_bytes(torch.from_numpy(d))], 1).reshape(n, -1)
+    if kind in ("Q4_K", "Q5_K"):  # d, dmin = 2^(b-1)·d, 12 bytes of 6-bit scales k and mins k (the offset 2^(b-1)·k·d),
+        high = k[:, 4:] >> 4     # (Q5_K: a bit plane of q >> 4), 4-bit codes
         scales = np.concatenate([k[:, :4] | (high << 6), k[:, :4] | (high << 6), (k[:, 4:] & 15) | ((k[:, 4:] & 15) << 4)], 1)
-        pairs = q.reshape(rows, 4, 2, 32)
+        pairs = (q & 15).reshape(rows, 4, 2, 32)
         codes = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(rows, 128)
-        return np.concatenate([_f16_bytes(torch.from_numpy(d)), _f16_bytes(torch.from_numpy(d * np.float16(8))),
-                               scales, codes], 1).reshape(n, -1)
+        planes = [] if kind == "Q4_K" else [_bit_plane(q >> 4)]
+        return np.concatenate([_f16_bytes(torch.from_numpy(d)),
+                               _f16_bytes(torch.from_numpy(d * np.float16(1 << (scheme.bits - 1)))),
+                               scales, *planes, codes], 1).reshape(n, -1)
     low2 = _two_bit_planes(q & 3)
     if kind == "Q2_K":  # 16 bytes of scales k | mins k << 4 (the offset 2·k·d with dmin = 2·d), 2-bit codes, d, dmin
         return np.concatenate([k | (k << 4), low2, _f16_bytes(torch.from_numpy(d)),
                                _f16_bytes(torch.from_numpy(d * np.float16(2)))], 1).reshape(n, -1)
     # Q3_K: a bit plane of q >> 2 (llama.cpp subtracts 4 where it is 0), the low 2 bits, 6-bit scales u = 32 - k
     # with the block scale -d (value -d·(u - 32) = k·d), d
-    planes = (q >> 2).reshape(rows, 8, 32)
-    hmask = np.bitwise_or.reduce(planes << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
+    hmask = _bit_plane(q >> 2)
     u = (32 - k.astype(np.int16)).astype(np.uint8)
     low4, high2 = u & 15, (u >> 4).reshape(rows, 4, 4)
     scales = np.concatenate([low4[:, :8] | (low4[:, 8:] << 4),
                              np.bitwise_or.reduce(high2 << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 4, 1), axis=1)], 1)
     return np.concatenate([hmask, low2, scales, _f16_bytes(torch.from_numpy(-d))], 1).reshape(n, -1)
+
+
+def _bit_plane(bits: np.ndarray) -> np.ndarray:
+    """One bit per value [rows, 256] as Q3_K's hmask and Q5_K's qh store it: element e at bit e // 32 of byte e % 32."""
+    planes = bits.reshape(bits.shape[0], 8, 32)
+    return np.bitwise_or.reduce(planes << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
 
 
 def _two_bit_planes(c: np.ndarray) -> np.ndarray:
@@ -422,9 +442,11 @@ def _write_dense(writer, gguf, name: str, t: torch.Tensor, embeddings: str) -> s
 def _file_type(gguf, types: dict[str, int]) -> int:
     """general.file_type: the block type most matrices use ('mostly Q4_0' ...), F32 / F16 for full precision."""
     ftypes = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+              "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+              "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K, "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_S,
               "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S, "Q3_K": gguf.LlamaFileType.MOSTLY_Q3_K_S,
               "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
               "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "F16": gguf.LlamaFileType.MOSTLY_F16, "F32": gguf.LlamaFileType.ALL_F32}
-    quantized = {k: v for k, v in types.items() if k in ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K")}
+    quantized = {k: v for k, v in types.items() if k not in ("F32", "F16", "Q8_0")}
     pick = max(quantized, key=quantized.get) if quantized else ("Q8_0" if "Q8_0" in types else "F16" if "F16" in types else "F32")
     return int(ftypes[pick])

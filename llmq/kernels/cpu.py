@@ -96,7 +96,9 @@ def _pack(layer, key: tuple) -> _Packed:
         return _pack_int4(qw, scheme, k, n, key)
     if scheme.bits == 8 and scheme.n_groups(k) == 1:
         return _pack_int8(qw, key)
-    return _Packed(key, reason="8-bit with several groups per row")
+    if scheme.bits == 8:
+        return _Packed(key, reason="8-bit with several groups per row")
+    return _Packed(key, reason=f"{scheme.bits}-bit (torch's CPU ops take 4 and 8 bits)")
 
 
 def _pack_int4(qw: numerics.QWeight, scheme: numerics.Scheme, k: int, n: int, key: tuple) -> _Packed:

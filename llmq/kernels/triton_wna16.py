@@ -40,7 +40,7 @@ import os
 
 import torch
 
-from ..numerics import SUPPORTED_BITS, Scheme
+from ..numerics import PEER_BITS, Scheme
 
 try:
     import triton
@@ -59,7 +59,7 @@ DECODE_MAX_M = 16  # up to this many rows run the split-K GEMV, more run the til
 def supported(scheme: Scheme, device: torch.device | str) -> bool:
     """True when these kernels can run `scheme` on `device`: triton imports, the device is CUDA (or the
     interpreter is on), and the weights are plain n-bit integers of a width the kernels unpack."""
-    if triton is None or scheme.format != "int" or scheme.bits not in SUPPORTED_BITS:
+    if triton is None or scheme.format != "int" or scheme.bits not in PEER_BITS:  # 5 / 6 bits: the reference kernel
         return False
     return torch.device(device).type == "cuda" or INTERPRET
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import BadInputError
 from ..model.structure import decoder_blocks, input_embedding, skeleton, targeted_linears
-from ..numerics import SUPPORTED_BITS, Scheme, stored_bits
+from ..numerics import Scheme, stored_bits
 from ..recipe import Recipe, SchemeConfig, check_against_layers
 from ..recipe.schema import EmbeddingScheme, LayerOverride
 from ..recipe.targets import matches
@@ -36,6 +36,8 @@ from .blockwise import embedding_plan, stores_g_idx
 from .sensitivity import EmbeddingCandidates
 
 RESOLUTION = 200_000  # size units the budget is cut into
+
+DEFAULT_CANDIDATE_BITS = (2, 3, 4, 8)  # 5 and 6 bits are candidates when named
 
 
 def solve(sizes: list[list[int | None]], scores: list[list[float]], budget: int) -> list[int]:
@@ -86,7 +88,7 @@ def candidates(recipe: Recipe) -> list[Scheme]:
     b, s = recipe.scheme.budget, recipe.scheme
     if b.candidates is not None:
         return [c.to_scheme() for c in b.candidates]
-    return [SchemeConfig(bits=bits, group_size=s.group_size, symmetric=s.symmetric).to_scheme() for bits in SUPPORTED_BITS]
+    return [SchemeConfig(bits=bits, group_size=s.group_size, symmetric=s.symmetric).to_scheme() for bits in DEFAULT_CANDIDATE_BITS]
 
 
 def label(s: Scheme) -> str:

@@ -107,7 +107,7 @@ def _valid_patterns(patterns: list[str]) -> list[str]:
 def _scheme_dict(data: Any, where: str) -> Any:
     """A candidate or override written as a preset name, a short name (W3g64, W4g128-sym, W8) or a mapping."""
     if isinstance(data, str):
-        short = re.fullmatch(r"[wW]([2348])(?:[gG](\d+))?(-sym|-asym)?", data.strip())
+        short = re.fullmatch(r"[wW]([234568])(?:[gG](\d+))?(-sym|-asym)?", data.strip())
         if short:
             return {"bits": int(short[1]), "group_size": int(short[2]) if short[2] else None,
                     "symmetric": short[3] == "-sym"}

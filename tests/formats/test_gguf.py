@@ -42,12 +42,13 @@ def fp16_qweight(n: int, k: int, scheme: Scheme, seed: int) -> QWeight:
 
 @pytest.mark.parametrize("bits, symmetric, kind", [(2, True, "Q4_0"), (3, True, "Q4_0"), (4, True, "Q4_0"),
                                                    (2, False, "Q4_1"), (3, False, "Q4_1"), (4, False, "Q4_1"),
+                                                   (5, True, "Q5_0"), (5, False, "Q5_1"), (6, True, "Q8_0"),
                                                    (8, True, "Q8_0")])
 @pytest.mark.parametrize("group", [32, 64, 128, None])
 def test_blocks_dequantize_with_ggufs_own_code_to_llmqs_weights(bits, symmetric, kind, group):
     """Every block type, every group size that is a multiple of 32 (per-channel too), an odd row count: gguf's own
-    dequantizer gives llmq's (q - z)·s — bit for bit where the format is exact (Q4_0, Q8_0 with fp16 scales), within
-    fp16 rounding of the block minimum for Q4_1."""
+    dequantizer gives llmq's (q - z)·s — bit for bit where the format is exact (Q4_0, Q5_0, Q8_0 with fp16 scales),
+    within fp16 rounding of the block minimum for Q4_1 / Q5_1."""
     scheme = Scheme(bits=bits, group_size=group, symmetric=symmetric)
     n, k = 37, 256
     qw = fp16_qweight(n, k, scheme, seed=bits * 10 + (group or 0))
@@ -59,7 +60,7 @@ def test_blocks_dequantize_with_ggufs_own_code_to_llmqs_weights(bits, symmetric,
     theirs = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(n, k)).double()
     ours = numerics.dequantize(qw, scheme, dtype=torch.float64)
     assert scale_change == 0.0
-    if kind == "Q4_1":
+    if kind in ("Q4_1", "Q5_1"):
         step = qw.scales.double().repeat_interleave(scheme.group_size_for(k), dim=1)
         assert ((theirs - ours).abs() <= 2.0**-11 * scheme.maxq * step + 1e-12).all()  # half an fp16 ulp of -z·s
         assert min_change <= 2.0**-11 * scheme.maxq
@@ -84,6 +85,7 @@ def test_rotary_rows_interleave_each_heads_halves():
 @pytest.mark.parametrize("scheme, problem", [
     (Scheme(bits=4, group_size=16), "blocks of 32"),
     (Scheme(bits=8, group_size=None, symmetric=False), "8-bit with zero points"),
+    (Scheme(bits=6, group_size=32, symmetric=False), "6-bit with zero points"),
     (Scheme(bits=4, group_size=32, format="nf4"), "nf4"),
 ])
 def test_what_gguf_cannot_hold_is_refused_by_name(scheme, problem):

@@ -1,4 +1,4 @@
-"""llama.cpp's K-quants (Q4_K / Q3_K / Q2_K): llmq's symmetric codes with scales on the K-quant grid
+"""llama.cpp's K-quants (Q6_K / Q5_K / Q4_K / Q3_K / Q2_K): llmq's symmetric codes with scales on the K-quant grid
 (`method.gguf_grid`, numerics.kquant_scales) exported exactly (gguf_export.encode_kquant), checked against gguf's
 own dequantizers, transformers' GGUF loader and llama.cpp itself."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_llama
-from test_gguf import _llama_logits, _llmq_logits, _transformers_logits
+from test_gguf import IDS, _llama_logits, _llmq_logits, _transformers_logits
 
 import llmq
 from llmq import numerics
@@ -20,7 +20,7 @@ from llmq.numerics import Scheme
 
 gguf = pytest.importorskip("gguf")
 
-K_SCHEMES = [(4, 32), (4, 64), (4, 256), (3, 16), (3, 32), (3, 128), (2, 16), (2, 64)]
+K_SCHEMES = [(6, 16), (6, 32), (5, 32), (5, 64), (4, 32), (4, 64), (4, 256), (3, 16), (3, 32), (3, 128), (2, 16), (2, 64)]
 
 
 def _weight(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -52,7 +52,8 @@ def test_kquant_scales_lie_on_the_grid_and_quantize_no_worse_than_minmax(bits, g
 
 @pytest.mark.parametrize("scheme, cols", [(Scheme(4, 32, False), 512), (Scheme(4, 32, True), 576), (Scheme(4, 48, True), 768),
                                           (Scheme(3, 8, True), 512), (Scheme(8, 32, True), 512), (Scheme(4, None, True), 512),
-                                          (Scheme(4, 64, True, "nf4"), 512)])
+                                          (Scheme(4, 64, True, "nf4"), 512), (Scheme(5, 16, True), 512),
+                                          (Scheme(6, 8, True), 512)])
 def test_what_has_no_kquant_type(scheme, cols):
     """Asymmetric, widths not a multiple of 256, groups that do not divide 256 or split a sub-block, 8 bits,
     per-channel and codebooks: no K-quant (gguf_grid gives those fp16 scales instead)."""
@@ -64,7 +65,7 @@ def test_what_has_no_kquant_type(scheme, cols):
 
 @pytest.mark.parametrize("bits, group", K_SCHEMES)
 def test_kquant_blocks_dequantize_with_ggufs_own_code_to_llmqs_weights(bits, group):
-    """Bit for bit: gguf's Q4_K / Q3_K / Q2_K dequantizers read encode_kquant's bytes as llmq's dequantized weights."""
+    """Bit for bit: gguf's Q6_K / Q5_K / Q4_K / Q3_K / Q2_K dequantizers read encode_kquant's bytes as llmq's dequantized weights."""
     scheme = Scheme(bits=bits, group_size=group, symmetric=True)
     w = _weight(5, 768, seed=bits + group)
     qw = numerics.quantize(w, scheme, numerics.kquant_scales(w, numerics.minmax_qparams(w, scheme)[0], scheme))
@@ -101,7 +102,8 @@ def _on_grid(model: Path, out: Path, bits: int, group: int, method: str = "rtn")
     return out
 
 
-@pytest.mark.parametrize("bits, group, method, kind", [(4, 32, "rtn", "Q4_K"), (3, 16, "gptq", "Q3_K"),
+@pytest.mark.parametrize("bits, group, method, kind", [(6, 16, "gptq", "Q6_K"), (5, 32, "rtn", "Q5_K"),
+                                                       (4, 32, "rtn", "Q4_K"), (3, 16, "gptq", "Q3_K"),
                                                        (2, 16, "rtn", "Q2_K"), (4, 64, "gptq", "Q4_K")])
 def test_gguf_grid_recipe_exports_exactly_as_kquants(wide_llama, tmp_path, bits, group, method, kind):
     """RTN and GPTQ with gguf_grid: every layer goes to its K-quant, and transformers' GGUF loader (gguf's
@@ -137,7 +139,7 @@ def test_gguf_grid_refusals(wide_llama, tmp_path):
     assert not (tmp_path / "never").exists() and not (tmp_path / "n").exists()
 
 
-@pytest.mark.parametrize("bits, group", [(4, 32), (3, 16), (2, 16)], ids=["q4_k", "q3_k", "q2_k"])
+@pytest.mark.parametrize("bits, group", [(6, 16), (5, 32), (4, 32), (3, 16), (2, 16)], ids=["q6_k", "q5_k", "q4_k", "q3_k", "q2_k"])
 def test_llama_cpp_runs_kquant_exports_with_llmqs_logits(wide_llama, tmp_path, bits, group):
     """The oracle: llama.cpp loads each K-quant export and its logits match llmq's exact ones. Its CPU kernels round
     activations to 8 bits (q8_K) for these types: within 2% of the largest logit, the same argmax almost everywhere."""
@@ -147,3 +149,26 @@ def test_llama_cpp_runs_kquant_exports_with_llmqs_logits(wide_llama, tmp_path, b
     theirs, ours = _llama_logits(llama_cpp, tmp_path / "m.gguf"), _llmq_logits(ckpt)[0]
     assert (theirs - ours).abs().max() <= 0.02 * ours.abs().max()
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("bits, kind", [(5, "Q5_0"), (6, "Q8_0")])
+def test_five_and_six_bit_checkpoints_run_export_to_gguf_and_not_to_peer_formats(wide_llama, tmp_path, bits, kind):
+    """5- and 6-bit symmetric layers (llama.cpp's Q5_0 / Q6_K precisions): the checkpoint runs on the default CPU
+    kernel (torch's CPU ops take 4 and 8 bits: the reference kernel) with its exact dense logits; with fp16 scales
+    the GGUF export is exact (Q5_0; 6-bit codes in Q8_0's int8); GPTQ and compressed-tensors loaders read 2/3/4/8
+    bits, so those exports are refused before anything is written."""
+    from llmq.formats import export_checkpoint
+
+    ckpt = tmp_path / "q"
+    llmq.run({"model": str(wide_llama), "method": "rtn", "scheme": {"bits": bits, "group_size": 32, "symmetric": True},
+              "eval": None, "output": {"dir": str(ckpt), "dtype": "float16"}})
+    ours = _llmq_logits(ckpt)  # exact: dequantized once, fp32
+    with torch.no_grad():
+        assert (llmq.load(ckpt, dtype=torch.float32)(IDS).logits - ours).abs().max() <= 1e-4 * ours.abs().max()
+    done = export_gguf(ckpt, tmp_path / "m.gguf", embeddings="f32")
+    assert done.types == {kind: 14, "F32": 6} and not done.notes[1:]
+    assert torch.equal(_transformers_logits(tmp_path / "m.gguf"), ours)
+    for fmt in ("gptq", "compressed-tensors"):
+        with pytest.raises(BadInputError, match=f"{bits}-bit; {fmt} loaders read 2, 3, 4, 8-bit"):
+            export_checkpoint(ckpt, tmp_path / fmt, fmt)
+        assert not (tmp_path / fmt).exists()
