@@ -178,7 +178,7 @@ CATALOGUE = [
     # ------------------------------------------------------------------ recipe: keys, types, values
     Case("unknown top-level key", run_with(modle="x"), 2, "modle: unknown key"),
     Case("unknown nested key", run_nested("scheme", bitz=4), 2, "scheme.bitz: unknown key"),
-    Case("bits not supported", run_nested("scheme", bits=5), 2, "scheme.bits: 5 is not supported"),
+    Case("bits not supported", run_nested("scheme", bits=7), 2, "scheme.bits: 7 is not supported"),
     Case("bits not a number", run_nested("scheme", bits="four"), 2, "scheme.bits"),
     Case("group size zero", run_nested("scheme", group_size=0), 2, "must be a positive integer"),
     Case("group size negative", run_nested("scheme", group_size=-64), 2, "must be a positive integer"),

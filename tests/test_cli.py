@@ -28,7 +28,7 @@ def _one_line_error(capsys) -> str:
     [
         ({"model": "m", "scheme": {"bits": 4, "grp": 64}}, "scheme.grp: unknown key"),
         ({"model": "m", "scheme": {"bits": "x"}}, "scheme.bits"),
-        ({"model": "m", "scheme": {"bits": 5}}, "scheme.bits: 5 is not supported"),
+        ({"model": "m", "scheme": {"bits": 7}}, "scheme.bits: 7 is not supported"),
         ("model: [", "not valid YAML"),
     ],
 )

@@ -52,7 +52,7 @@ def test_first_override_wins_and_skip_leaves_the_layer_out():
 @pytest.mark.parametrize("override, message", [
     ({"targets": [".*q_proj"]}, "give the scheme keys that change"),
     ({"targets": [".*q_proj"], "skip": True, "bits": 4}, "give no bits"),
-    ({"targets": [".*q_proj"], "bits": 5}, "bits: 5 is not supported"),
+    ({"targets": [".*q_proj"], "bits": 7}, "bits: 7 is not supported"),
     ({"targets": ["(unclosed"], "bits": 4}, "not a valid regular expression"),
     ({"targets": [".*q_proj"], "preset": "NF4"}, "unknown preset"),
     ({"targets": [".*q_proj"], "bits": 4, "num_bits": 4}, "num_bits"),
