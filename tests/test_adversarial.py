@@ -219,7 +219,7 @@ CATALOGUE = [
          "scheme.budget.bits_per_weight: 1.0 is below the smallest model"),
     Case("budget with two sizes", run_nested("scheme", budget={"bits_per_weight": 4, "size_mb": 1}), 2,
          "give exactly one of bits_per_weight or size_mb"),
-    Case("budget candidate unknown", run_nested("scheme", budget={"bits_per_weight": 4, "candidates": ["W5g64"]}), 2,
+    Case("budget candidate unknown", run_nested("scheme", budget={"bits_per_weight": 4, "candidates": ["W7g64"]}), 2,
          "is neither a short name"),
     Case("budget with a bitsandbytes format", run_with(scheme={"preset": "NF4", "budget": {"bits_per_weight": 4}}), 2,
          "overrides and budgets mix integer schemes only"),

@@ -190,7 +190,7 @@ def test_damaged_checkpoints_are_refused(quantized, tmp_path):
 
 
 @pytest.mark.parametrize("recipe, message", [
-    ({"scheme": {"embedding": "W5"}}, "scheme.embedding 'W5' is neither a short name"),
+    ({"scheme": {"embedding": "W7"}}, "scheme.embedding 'W7' is neither a short name"),
     ({"scheme": {"embedding": {"bits": 4, "group_size": 0}}}, "must be a positive integer"),
     ({"scheme": {"embedding": {"bits": 4, "groups": 32}}}, "groups"),
     ({"scheme": {"embedding": "NF4"}}, "not a preset"),
