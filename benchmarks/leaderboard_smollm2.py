@@ -3,8 +3,9 @@
     python benchmarks/leaderboard_smollm2.py [--suites quick leaderboard-cpu] [--store benchmarks/results/store.jsonl]
 
 Rows: the base model; RTN and GPTQ at W8 (per-channel, symmetric), W4g64 and W3g64 (asymmetric), and GPTQ with
-per-layer schemes chosen to the bits per weight of the uniform W3g64 / W4g64 rows and to a 100 MB checkpoint, from the
-recipes in recipes/; NF4 through bitsandbytes (transformers' BitsAndBytesConfig, bitsandbytes' own quantization, saved in
+per-layer schemes chosen to the bits per weight of the uniform W3g64 / W4g64 rows and to a 100 MB checkpoint; GPTQ W2g32
+and block-wise QAT at W3g64 and W2g32 (what training buys over its GPTQ start, and its wall clock in "method s"), from
+the recipes in recipes/; NF4 through bitsandbytes (transformers' BitsAndBytesConfig, bitsandbytes' own quantization, saved in
 its serialization). Checkpoints go to out/leaderboard/<row> (made once, reused); every result goes to the results
 store, so a rerun only evaluates what is missing. The quick suite runs on every row; the leaderboard suite named
 by --full (default leaderboard-cpu: the leaderboard's tasks and shots with CPU-sized limits) on the base and the
@@ -28,6 +29,8 @@ RECIPES = {  # row name -> recipe file
     "gptq-budget-3.55bpw": "gptq-budget-3.55bpw.yaml", "gptq-budget-4.56bpw": "gptq-budget-4.56bpw.yaml",
     # a whole-checkpoint budget of 100 MB, the embedding's scheme chosen too
     "gptq-budget-100mb": "gptq-budget-100mb.yaml",
+    # what training buys: block-wise QAT (15 / 30 minutes) against its GPTQ start
+    "qat-w3g64": "qat-w3g64.yaml", "gptq-w2g32": "gptq-w2g32.yaml", "qat-w2g32": "qat-w2g32.yaml",
 }
 BASE = "smollm2-135m"
 
