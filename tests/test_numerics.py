@@ -47,7 +47,7 @@ def test_pack_4bit_is_gptq_nibble_order():
 
 def test_pack_rejects_unsupported_bits():
     with pytest.raises(ValueError):
-        pack(torch.zeros(32, 1, dtype=torch.long), 5)
+        pack(torch.zeros(32, 1, dtype=torch.long), 7)
 
 
 def _per_column(t: torch.Tensor, scheme: Scheme, in_features: int) -> torch.Tensor:
