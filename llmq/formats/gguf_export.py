@@ -9,7 +9,11 @@ block by block of 32 input columns, so the GPTQ / QAT work survives the trip:
 | 2/3/4-bit symmetric (zero 2^(b-1)), group a multiple of 32 or per-channel | Q4_0 | (c - 8)·d, c = q - 2^(b-1) + 8 | the scale is an fp16 value |
 | 2/3/4-bit asymmetric | Q4_1 | c·d + m, c = q, d = s, m = -z·s | s and z·s are fp16 values |
 | 8-bit symmetric | Q8_0 | c·d, c = q - 128 | the scale is an fp16 value |
-| 4-bit symmetric, in_features a multiple of 256 | Q4_K | c·k·d - k·8d, c = q | scales k·d per 256 inputs, k ≤ 63 |
+| 6-bit symmetric | Q8_0 | c·d, c = q - 32 | the scale is an fp16 value |
+| 5-bit symmetric / asymmetric | Q5_0 / Q5_1 | (c - 16)·d / c·d + m, c = q | as Q4_0 / Q4_1 |
+| 6-bit symmetric, in_features a multiple of 256 | Q6_K | (c - 32)·k·d, c = q | scales k·d per 256 inputs, k ≤ 127 |
+| 5-bit symmetric, same | Q5_K | c·k·d - k·16d, c = q | scales k·d per 256 inputs, k ≤ 63 |
+| 4-bit symmetric, same | Q4_K | c·k·d - k·8d, c = q | scales k·d per 256 inputs, k ≤ 63 |
 | 3-bit symmetric, same | Q3_K | (c - 4)·k·d, c = q | scales k·d per 256 inputs, k ≤ 32 |
 | 2-bit symmetric, same | Q2_K | c·k·d - k·2d, c = q | scales k·d per 256 inputs, k ≤ 15 |
 
@@ -101,8 +105,9 @@ def rotary_rows(n_rows: int, heads: int) -> torch.Tensor:
 
 
 def block_type(scheme: Scheme, qw: QWeight, layer: LayerShape) -> str:
-    """'Q4_K' | 'Q3_K' | 'Q2_K' | 'Q4_0' | 'Q4_1' | 'Q8_0' for a layer, or a BadInputError saying why GGUF cannot
-    hold it exactly. A symmetric layer whose scales lie on the K-quant grid (method.gguf_grid) takes its K-quant."""
+    """The GGUF block type of a layer (Q6_K / Q5_K / Q4_K / Q3_K / Q2_K, Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0), or a
+    BadInputError saying why GGUF cannot hold it exactly. A symmetric layer whose scales lie on the K-quant grid
+    (method.gguf_grid) takes its K-quant."""
     if scheme.format != "int":
         raise BadInputError(f"{layer.name}: {scheme.format} codes have no GGUF block type with the same levels")
     if not is_trivial_g_idx(qw.g_idx, layer.in_features, scheme):
@@ -118,7 +123,7 @@ def block_type(scheme: Scheme, qw: QWeight, layer: LayerShape) -> str:
     if group % BLOCK or layer.in_features % BLOCK:
         raise BadInputError(f"{layer.name}: group size {group} over {layer.in_features} inputs is not made of llama.cpp's "
                             f"blocks of {BLOCK}; use group_size 32, 64, 128 or per-channel with in_features a multiple of "
-                            f"{BLOCK}, or a symmetric 2/3-bit group of 16 on the K-quant grid (method.gguf_grid, "
+                            f"{BLOCK}, or a symmetric 2/3/6-bit group of 16 on the K-quant grid (method.gguf_grid, "
                             f"in_features a multiple of {numerics.SUPER_BLOCK})")
     if scheme.bits in (6, 8):
         if not symmetric:
@@ -132,7 +137,8 @@ def block_type(scheme: Scheme, qw: QWeight, layer: LayerShape) -> str:
 
 def encode_blocks(qw: QWeight, scheme: Scheme, kind: str) -> tuple[np.ndarray, float, float]:
     """The layer's rows as llama.cpp blocks [out, in/32 * bytes per block] (uint8), and how far fp16 moved the
-    values: the largest relative change of a scale, and (Q4_1) of a block minimum -z·s measured in scales (0.0: exact)."""
+    values: the largest relative change of a scale, and (Q4_1 / Q5_1) of a block minimum -z·s measured in scales
+    (0.0: exact)."""
     n, k = qw.q.shape
     per_group = scheme.group_size_for(k) // BLOCK
     s = qw.scales.double().repeat_interleave(per_group, dim=1)  # [n, k/32]
@@ -299,10 +305,11 @@ def export_gguf(src: str | Path, dst: str | Path, embeddings: str = "f16", token
     writer.add_file_type(_file_type(gguf, result.types))
     if scales_moved.layers:
         notes.append(f"{scales_moved.layers} quantized layer(s) had scales off the fp16 grid, rounded to fp16 (largest "
-                     f"relative change {scales_moved.worst:.2g}); quantize with output.dtype: float16 for exact scales")
+                     f"relative change {scales_moved.worst:.2g}); quantize with output.dtype: float16 (or method.gguf_grid) for exact scales")
     if mins_moved.layers:
-        notes.append(f"{mins_moved.layers} asymmetric layer(s): Q4_1 stores the block minimum -z·s in fp16, which moved "
-                     f"it by up to {mins_moved.worst:.2g} of a quantization step; symmetric schemes (Q4_0, Q8_0) export exactly")
+        notes.append(f"{mins_moved.layers} asymmetric layer(s): Q4_1 stores the block minimum -z·s in fp16 (Q5_1 too), "
+                     f"which moved it by up to {mins_moved.worst:.2g} of a quantization step; symmetric schemes (Q4_0, Q5_0, "
+                     "Q8_0, the K-quants) export exactly")
     result.notes = notes
     with atomic_file(dst, overwrite) as tmp:
         writer.write_header_to_file(path=Path(tmp))
