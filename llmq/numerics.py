@@ -10,6 +10,8 @@ RTN, GPTQ, QAT and every kernel call these functions, so they all agree on one d
 - Codebook formats (`format: nf4 | fp4`, bitsandbytes' 4-bit data types): w ≈ level[q] * s, where level is a
   fixed table of 16 values in [-1, 1] and s the absmax of the group (bitsandbytes calls groups "blocks"); q is
   the index of the nearest level. No zero point.
+- llama.cpp's K-quant grid (`kquant_*`, `gguf_grid_scales`): scales of 256 inputs of a row restricted to integer
+  multiples k·d of one fp16 d, so a symmetric scheme's weights are exactly a Q6_K / Q5_K / Q4_K / Q3_K / Q2_K block.
 - Groups run along the input dimension: column j belongs to group j // group_size (or g_idx[j] when given);
   `group_size=None` means one group per output row (per-channel).
 
