@@ -181,45 +181,36 @@ def encode_kquant(qw: QWeight, scheme: Scheme, kind: str) -> np.ndarray:
     d = d.reshape(rows).numpy()
     q = qw.q.to(torch.uint8).reshape(rows, numerics.SUPER_BLOCK).numpy()
     if kind == "Q6_K":  # low 4 bits, high 2 bits, int8 scales k, d: value d·k·(c - 32), c = q
-        low = (q & 15).reshape(rows, 2, 2, 64)
-        ql = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(rows, 128)
-        qh = np.bitwise_or.reduce((q >> 4).reshape(rows, 2, 4, 32) << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1),
-                                  axis=2).reshape(rows, 64)
+        ql, qh = _pack_fields(q & 15, 4, 64), _pack_fields(q >> 4, 2, 32)
         return np.concatenate([ql, qh, k.astype(np.int8).view(np.uint8), _f16_bytes(torch.from_numpy(d))], 1).reshape(n, -1)
     if kind in ("Q4_K", "Q5_K"):  # d, dmin = 2^(b-1)·d, 12 bytes of 6-bit scales k and mins k (the offset 2^(b-1)·k·d),
         high = k[:, 4:] >> 4     # (Q5_K: a bit plane of q >> 4), 4-bit codes
         scales = np.concatenate([k[:, :4] | (high << 6), k[:, :4] | (high << 6), (k[:, 4:] & 15) | ((k[:, 4:] & 15) << 4)], 1)
-        pairs = (q & 15).reshape(rows, 4, 2, 32)
-        codes = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(rows, 128)
-        planes = [] if kind == "Q4_K" else [_bit_plane(q >> 4)]
+        codes = _pack_fields(q & 15, 4, 32)
+        planes = [] if kind == "Q4_K" else [_pack_fields(q >> 4, 1, 32)]
         return np.concatenate([_f16_bytes(torch.from_numpy(d)),
                                _f16_bytes(torch.from_numpy(d * np.float16(1 << (scheme.bits - 1)))),
                                scales, *planes, codes], 1).reshape(n, -1)
-    low2 = _two_bit_planes(q & 3)
+    low2 = _pack_fields(q & 3, 2, 32)
     if kind == "Q2_K":  # 16 bytes of scales k | mins k << 4 (the offset 2·k·d with dmin = 2·d), 2-bit codes, d, dmin
         return np.concatenate([k | (k << 4), low2, _f16_bytes(torch.from_numpy(d)),
                                _f16_bytes(torch.from_numpy(d * np.float16(2)))], 1).reshape(n, -1)
     # Q3_K: a bit plane of q >> 2 (llama.cpp subtracts 4 where it is 0), the low 2 bits, 6-bit scales u = 32 - k
     # with the block scale -d (value -d·(u - 32) = k·d), d
-    hmask = _bit_plane(q >> 2)
+    hmask = _pack_fields(q >> 2, 1, 32)
     u = (32 - k.astype(np.int16)).astype(np.uint8)
-    low4, high2 = u & 15, (u >> 4).reshape(rows, 4, 4)
-    scales = np.concatenate([low4[:, :8] | (low4[:, 8:] << 4),
-                             np.bitwise_or.reduce(high2 << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 4, 1), axis=1)], 1)
+    scales = np.concatenate([_pack_fields(u & 15, 4, 8), _pack_fields(u >> 4, 2, 4)], 1)
     return np.concatenate([hmask, low2, scales, _f16_bytes(torch.from_numpy(-d))], 1).reshape(n, -1)
 
 
-def _bit_plane(bits: np.ndarray) -> np.ndarray:
-    """One bit per value [rows, 256] as Q3_K's hmask and Q5_K's qh store it: element e at bit e // 32 of byte e % 32."""
-    planes = bits.reshape(bits.shape[0], 8, 32)
-    return np.bitwise_or.reduce(planes << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
-
-
-def _two_bit_planes(c: np.ndarray) -> np.ndarray:
-    """2-bit values [rows, 256] as Q2_K / Q3_K store them: element e in byte 32·(e // 128) + e % 32, at bit
-    2·((e % 128) // 32)."""
-    c = c.reshape(c.shape[0], 2, 4, 32)
-    return np.bitwise_or.reduce(c << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1), axis=2).reshape(c.shape[0], 64)
+def _pack_fields(values: np.ndarray, bits: int, run: int) -> np.ndarray:
+    """`bits`-bit fields [rows, m] packed as llama.cpp's K-quants lay them out: the values in chunks of 8 / bits runs of
+    `run` values each; run j of a chunk fills bits [j·bits, (j+1)·bits) of that chunk's `run` bytes. (4-bit codes in
+    runs of 32: sub-blocks 2c and 2c + 1 share bytes; 1-bit planes in runs of 32: element e at bit e // 32.)"""
+    per_byte = 8 // bits
+    fields = values.reshape(values.shape[0], -1, per_byte, run)
+    shifts = (bits * np.arange(per_byte, dtype=np.uint8)).reshape(1, 1, per_byte, 1)
+    return np.bitwise_or.reduce(fields << shifts, axis=2).reshape(values.shape[0], -1)
 
 
 def _f16_bytes(t: torch.Tensor) -> np.ndarray:
