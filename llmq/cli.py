@@ -78,7 +78,8 @@ def _add_export(sub) -> None:
     exp.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                      help="gptq: quant_method gptq (transformers via optimum + gptqmodel, vLLM, SGLang); "
                           "compressed-tensors: pack-quantized (vLLM, SGLang, compressed-tensors); "
-                          "gguf: one .gguf file for llama.cpp (Llama models; Q4_0 / Q4_1 / Q8_0 blocks)")
+                          "gguf: one .gguf file for llama.cpp (Llama models; Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 "
+                          "blocks, and Q2_K-Q6_K for layers made with method.gguf_grid)")
     exp.add_argument("--gptq-version", type=int, choices=[1, 2], default=1,
                      help="GPTQ zero-point convention: 1 stores zero - 1 (what most servers read; cannot store a zero "
                           "point of 0), 2 stores the true zero (GPTQModel). Default: 1")
