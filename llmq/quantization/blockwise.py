@@ -41,7 +41,7 @@ from ..methods.rtn import quantize_weight, rtn_block
 from ..model.structure import decoder_blocks, input_embedding, targeted_linears
 from ..numerics import QWeight, Scheme
 from ..recipe import Recipe, check_against_layers
-from .resume import ACTIVATIONS, PROGRESS, blocks_done, planned_block_steps, run_key
+from .resume import ACTIVATIONS, PROGRESS, blocks_done, planned_block_steps, run_key, spent_block_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +343,8 @@ class _DiskWalk:
             logger.info(f"resuming at block {done} of {len(plan.blocks)} from {work}")
         summary = QuantizeSummary(layers=[], has_g_idx=plan.has_g_idx, resumed_at_block=done, schemes=plan.schemes,
                                   skipped=plan.skipped, embedding=plan.embedding)
+        if done:  # the budget covers the whole method: what the interrupted run spent counts
+            started -= spent_block_seconds(work)
         budget = step_budget(recipe, len(plan.blocks), started, planned_block_steps(work) if done else None)
         return cls(recipe, work, config, model, plan, reader, scale_dtype, device, key, done, log, summary,
                    step_budget=budget)
@@ -452,8 +454,9 @@ class _DiskWalk:
                     activations = inputs.saved()
                 block.to("meta")
                 progress = {"run": self.key, "blocks_done": i + 1, "n_blocks": n_blocks}
-                if self.step_budget is not None:
+                if self.step_budget is not None:  # the plan for the next block, and the time spent so far
                     progress["block_steps"] = self.step_budget.steps
+                    progress["block_seconds_spent"] = round(time.perf_counter() - self.step_budget.started, 3)
                 trained = [r for r in self.summary.rows if r["block"] == str(i) and "init_loss" in r]
                 if trained:
                     bar.set_postfix_str(f"block loss {trained[0]['init_loss']:.4g} → {trained[0]['loss']:.4g}")

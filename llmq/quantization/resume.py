@@ -54,6 +54,16 @@ def blocks_done(work: Path, key: str, n_blocks: int | None = None) -> int:
     return 0
 
 
+def spent_block_seconds(work: Path) -> float:
+    """The seconds a block-wise QAT run with a time budget had spent when it recorded its last finished block (0
+    when its progress file does not say): a resumed run counts them against the same budget."""
+    try:
+        spent = json.loads((work / PROGRESS).read_text(encoding="utf-8")).get("block_seconds_spent", 0.0)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return 0.0
+    return float(spent) if isinstance(spent, (int, float)) and spent >= 0 else 0.0
+
+
 def planned_block_steps(work: Path) -> int | None:
     """The training steps per block a block-wise QAT run with a time budget planned, as its progress file records
     them (None: not planned yet). Read after `blocks_done` accepted the file."""

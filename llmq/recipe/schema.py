@@ -280,8 +280,8 @@ class MethodConfig(Strict):
     the full-precision model's block output. `train_weights` trains per-weight rounding offsets (lr `block_lr`, in
     grid steps), `learn_scales` the scales (lr `block_qparam_lr`, in log space); zero points keep the init's
     integers. `block_epochs` passes over the calibration batches per block, or `block_minutes`: wall clock for the
-    whole method (initialisation included), turned into a step count per block once, on the first block, and
-    kept on resume.
+    whole method (initialisation included), turned into a step count per block on the first block and re-planned
+    after each block from the time its steps took; a resumed run keeps the plan for the block it resumes at.
     """
 
     name: Literal[METHOD_NAMES] = "rtn"

@@ -239,6 +239,36 @@ def test_a_time_budget_is_planned_so_the_rest_of_the_walk_fits():
     assert StepBudget(5.0, 10, time.perf_counter() - 10.0).plan(10, 1.0, 0.5, 0.2) == 0  # over budget: no training
 
 
+def test_after_a_block_trains_the_rest_is_re_planned_from_what_its_steps_took():
+    import time
+
+    budget = StepBudget(seconds=100.0, n_blocks=10, started=time.perf_counter() - 40.0, steps=29)
+    steps = budget.plan(blocks_left=6, init_s=1.0, eval_s=0.5, step_s=0.4, trained_here=True)
+    # left 97 - 40 = 57; fixed: this block's 2 evaluations 1.0 + 6 later blocks * (4 * 0.5 + 1) = 19; 38 / (6 * 0.4)
+    assert steps in (15, 16) and budget.steps == steps  # the steps were slower than planned: fewer from here on
+    faster = StepBudget(seconds=100.0, n_blocks=10, started=time.perf_counter() - 40.0, steps=29)
+    assert faster.plan(6, 1.0, 0.5, 0.1, trained_here=True) > 29  # faster than planned: more
+
+
+def test_a_run_with_a_time_budget_re_plans_after_each_block_and_trains_by_the_new_plan(tiny_recipe, tmp_path,
+                                                                                      monkeypatch):
+    recipe = _blockwise(tiny_recipe, tmp_path, block_minutes=0.2)
+    del recipe["method"]["block_epochs"]
+    recipe["eval"] = None
+    plans, real_plan = [], StepBudget.plan
+
+    def spy(self, blocks_left, init_s, eval_s, step_s, trained_here=False):
+        plans.append((blocks_left, trained_here, real_plan(self, blocks_left, init_s, eval_s, step_s, trained_here)))
+        return plans[-1][2]
+
+    monkeypatch.setattr(StepBudget, "plan", spy)
+    result = llmq.run(recipe)
+    steps = {r["block"]: r["steps"] for r in result.report["layers"] if r["method"] == "qat-block"}
+    # block 0: planned before training (both blocks to train); after it, block 1 alone, from block 0's real steps
+    assert [(b, t) for b, t, _ in plans] == [(2, False), (1, True)]
+    assert steps == {"0": plans[0][2], "1": plans[1][2]} and steps["0"] > 0
+
+
 def test_a_killed_run_with_a_time_budget_resumes_with_the_same_plan(tiny_recipe, tmp_path, monkeypatch):
     from conftest import killed_at_block_1
 
@@ -246,13 +276,15 @@ def test_a_killed_run_with_a_time_budget_resumes_with_the_same_plan(tiny_recipe,
 
     recipe = _blockwise(tiny_recipe, tmp_path)
     del recipe["method"]["block_epochs"]
-    recipe["method"]["block_minutes"] = 0.2
+    recipe["method"]["block_minutes"] = 0.4  # room for block 1 after block 0's re-plan, also on a busy machine
     recipe["eval"] = None
     with killed_at_block_1(monkeypatch), pytest.raises(RuntimeError, match="killed"):
         llmq.run(recipe)
     work = llmq.io.partial_dir(tmp_path / "out")
     planned = resume.planned_block_steps(work)
     assert planned is not None and planned > 0
+    spent = resume.spent_block_seconds(work)  # the killed run's time counts against the resumed run's budget
+    assert 0 < spent < 0.4 * 60
     seen = []
     monkeypatch.setattr(StepBudget, "plan", lambda *a, **k: seen.append(a) or 0)  # a resume must not plan again
     resumed = llmq.run(recipe)

@@ -3,8 +3,9 @@ AutoRound), as a per-block method of the block walk (`method: {name: qat, mode: 
 
 Being a block method, it inherits the walk's bounds and guarantees: one block and its activations in memory (the
 quantized and the full-precision stream, and the block's targets), a shard per finished block, resume after a kill
-to the same bytes, and the same bytes for the same recipe (with `block_minutes`, for the same step plan: the plan
-depends on the machine's speed, and a resumed run keeps the one its first run made). For one block:
+to the same bytes, and the same bytes for the same recipe (with `block_minutes`, for the same step plans: they
+depend on the machine's speed, re-planned after each block; a resumed run keeps the plan its first run had made for
+the block it resumes at). For one block:
 
 1. target: the full-precision model's output of this block (`job.targets`: the walk carries the full-precision
    activations beside the quantized ones), so each block also learns to undo the error the quantized blocks
@@ -50,23 +51,30 @@ SAFETY = 0.97  # of the time a plan may spend: step times drift and the method e
 
 @dataclass
 class StepBudget:
-    """`block_minutes` as a number of training steps per block. Planned once, on the first block trained, from
-    what that block measured (its init, an evaluation pass, four timed steps on a throw-away copy), and kept (the
-    walk records it in its progress file), so a resumed run trains every block exactly as an uninterrupted one."""
+    """`block_minutes` as a number of training steps per block. Planned on the first block trained, from what that
+    block measured (its init, an evaluation pass, four timed steps on a throw-away copy), then re-planned after
+    every block trained, from the time its steps really took and the time left, for the blocks after it. The walk
+    records the plan in force and the seconds spent with each finished block, so a resumed run trains its next block
+    exactly as the uninterrupted run would have, and the budget still covers the whole method."""
 
     seconds: float  # the whole method's wall clock
     n_blocks: int
-    started: float  # time.perf_counter() when the method started
-    steps: int | None = None  # the plan, once made (or restored on resume)
+    started: float  # time.perf_counter() when the method started (a resumed run: minus what the first run spent)
+    steps: int | None = None  # the plan for the next block that trains, once made (or restored on resume)
 
-    def plan(self, blocks_left: int, init_s: float, eval_s: float, step_s: float) -> int:
-        """Steps per block so that the rest fits: this block still trains and evaluates twice (loss after, the
-        walk's advance); each later block also computes its targets, its init and its loss before training."""
+    def plan(self, blocks_left: int, init_s: float, eval_s: float, step_s: float, trained_here: bool = False) -> int:
+        """Steps per block so that the rest fits. Before this block trains (`trained_here` False), `blocks_left`
+        counts it: it still trains and evaluates twice (loss after, the walk's advance), and each later block also
+        computes its targets, its init and its loss before training. After it trained, `blocks_left` counts the
+        blocks after it only, and this block's two evaluations are still to come."""
         left = self.seconds * SAFETY - (time.perf_counter() - self.started)
-        fixed = 2 * eval_s + (blocks_left - 1) * (4 * eval_s + init_s)
-        self.steps = max(0, int((left - fixed) / (blocks_left * max(step_s, 1e-6))))
-        logger.info(f"block-wise QAT: {self.steps} training steps per block fit {self.seconds / 60:g} minutes "
-                    f"({step_s:.2f} s a step, {init_s:.1f} s init and {eval_s:.2f} s per evaluation pass per block)")
+        later = blocks_left if trained_here else blocks_left - 1
+        fixed = 2 * eval_s + later * (4 * eval_s + init_s)
+        self.steps = max(0, int((left - fixed) / (max(blocks_left, 1) * max(step_s, 1e-6))))
+        log = logger.debug if trained_here else logger.info  # the first plan is news; re-plans are routine
+        log(f"block-wise QAT: {self.steps} training steps per block fit what is left of "
+                    f"{self.seconds / 60:g} minutes for {blocks_left} block(s) ({step_s:.2f} s a step, "
+                    f"{init_s:.1f} s init and {eval_s:.2f} s per evaluation pass per block)")
         return self.steps
 
 
@@ -92,8 +100,12 @@ def qat_block(block: nn.Module, names: list[str], job: BlockJob, init: BlockMeth
     init_s = time.perf_counter() - t0
     t = time.perf_counter()
     init_loss = block_mse(block, job, targets)  # exactly the init's quantized block
-    steps = _steps(block, job, targets, init_s, eval_s=time.perf_counter() - t)
+    eval_s = time.perf_counter() - t
+    steps = _steps(block, job, targets, init_s, eval_s)
+    t = time.perf_counter()
     train_block(block, job, targets, steps)
+    if job.step_budget is not None and steps > 0 and job.blocks_left > 1:  # re-plan the rest from what steps took
+        job.step_budget.plan(job.blocks_left - 1, init_s, eval_s, (time.perf_counter() - t) / steps, trained_here=True)
     trained = {name: block.get_submodule(name).to_qweight() for name in qweights}
     for name, qw in trained.items():  # back to plain Linear layers holding the exact dequantized weights
         layer = block.get_submodule(name)
