@@ -73,8 +73,8 @@ class StepBudget:
         self.steps = max(0, int((left - fixed) / (max(blocks_left, 1) * max(step_s, 1e-6))))
         log = logger.debug if trained_here else logger.info  # the first plan is news; re-plans are routine
         log(f"block-wise QAT: {self.steps} training steps per block fit what is left of "
-                    f"{self.seconds / 60:g} minutes for {blocks_left} block(s) ({step_s:.2f} s a step, "
-                    f"{init_s:.1f} s init and {eval_s:.2f} s per evaluation pass per block)")
+            f"{self.seconds / 60:g} minutes for {blocks_left} block(s) ({step_s:.2f} s a step, "
+            f"{init_s:.1f} s init and {eval_s:.2f} s per evaluation pass per block)")
         return self.steps
 
 
