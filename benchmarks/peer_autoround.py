@@ -51,6 +51,8 @@ def prepare(work: Path) -> None:
 
 
 def quantize(work: Path, scheme: str, iters: int) -> None:
+    from importlib.metadata import version
+
     from auto_round import AutoRound
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,7 +73,8 @@ def quantize(work: Path, scheme: str, iters: int) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     saved = next(p.parent for p in out.rglob("config.json"))  # AutoRound writes into a sub-folder named after the model
     meta = {"scheme": scheme, "iters": iters, "quantize_s": round(seconds, 1), "peak_rss_mb": round(peak / 2**20),
-            "calibration": list(windows.shape), "batch_size": BATCH, "folder": str(saved)}
+            "calibration": list(windows.shape), "batch_size": BATCH, "folder": str(saved),
+            "auto_round": version("auto-round")}
     (out / "llmq_peer_run.json").write_text(json.dumps(meta, indent=1))
     print(json.dumps(meta))
 
@@ -91,25 +94,12 @@ def score(work: Path, scheme: str, iters: int) -> None:
     for corpus in ("wiki", "news"):
         windows = data.eval_windows(data.tokenize_corpus(tokenizer, data.load_text(corpus)), 2048, 16)
         ppl[corpus] = round(perplexity(model, windows, corpus).ppl, 3)
-    from importlib.metadata import version
-
     row = {**meta, "wiki_ppl": ppl["wiki"], "news_ppl": ppl["news"], "date": time.strftime("%Y-%m-%d"),
-           "auto_round": version("auto-round") if _has("auto-round") else "0.16.1 (its own venv)", "llmq": __version__,
-           "command": f"benchmarks/peer_autoround.py quantize WORK {scheme} --iters {iters}"}
+           "llmq": __version__, "command": f"benchmarks/peer_autoround.py quantize WORK {scheme} --iters {iters}"}
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     rows.append(row)
     RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
     print(json.dumps(row))
-
-
-def _has(dist: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version(dist)
-    except PackageNotFoundError:
-        return False
-    return True
 
 
 def main() -> None:
