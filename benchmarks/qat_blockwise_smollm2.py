@@ -62,6 +62,7 @@ def main() -> None:
             "quantize_s": round(result.timings["quantize_s"], 1), "wall_s": round(wall, 1),
             # the process's peak so far: the run's, or an earlier one's in the same process (one recipe per call)
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "quantize_peak_rss_mb": result.report["quantization"].get("peak_rss_mb"),  # the method alone, sampled
             "steps_per_block": blocks[0]["steps"] if blocks else None,
             "block_error_ratio_median": statistics.median(b["loss"] / b["init_loss"] for b in blocks),
             "block_errors": [(b["block"], b["init_loss"], b["loss"]) for b in blocks],

@@ -14,7 +14,6 @@ import json
 import resource
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,33 +22,10 @@ import torch
 from llmq import calibration, loading
 from llmq.environment import folder_dtype, output_dtype
 from llmq.io import partial_dir
+from llmq.memory import PeakRss
 from llmq.model.resolve import resolve
 from llmq.pipeline import as_recipe
 from llmq.quantization import blockwise, budget
-
-
-class RssSampler(threading.Thread):
-    """Peak resident memory of this process over a stretch of time (VmRSS sampled every 20 ms)."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.peak, self.stop = 0, threading.Event()
-
-    def run(self):
-        while not self.stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.02)
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.join()
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main(recipe_path: str, out: str) -> dict:
@@ -64,23 +40,14 @@ def main(recipe_path: str, out: str) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     chose = {}
     if recipe.scheme.budget is not None:  # sensitivity + solve, timed and sampled on their own
-        sampler = RssSampler()
-        sampler.start()
         t = time.perf_counter()
-        try:
+        with PeakRss() as sampler:
             recipe, record = budget.choose(recipe, base, calib, output_dtype(recipe.output.dtype, folder_dtype(base)), torch.device("cpu"))
-        finally:
-            sampler.__exit__()
         chose = {"budget_s": round(time.perf_counter() - t, 2), "sensitivity_s": record["sensitivity"]["seconds"],
                  "sensitivity_cached": bool(record["sensitivity"]["cached"]), "budget_used": record["used"],
-                 "peak_rss_gb_while_choosing": round(sampler.peak / 2**30, 3)}
-    rss_start = rss_bytes()
-    sampler = RssSampler()
-    sampler.start()
-    try:
+                 "peak_rss_gb_while_choosing": round(sampler.bytes / 2**30, 3)}
+    with PeakRss() as sampler:
         summary = blockwise.quantize_checkpoint(recipe, base, work, output_dtype(recipe.output.dtype, folder_dtype(base)), calib)
-    finally:
-        sampler.__exit__()
     tokenizer.save_pretrained(work)
     shutil.rmtree(out, ignore_errors=True)
     work.rename(out)
@@ -89,8 +56,8 @@ def main(recipe_path: str, out: str) -> dict:
         "threads": torch.get_num_threads(),
         "prepare_s": round(prepare_s, 2),
         "quantize_s": round(summary.seconds, 2),
-        "rss_gb_at_start_of_quantize": round(rss_start / 2**30, 3),
-        "peak_rss_gb_while_quantizing": round(sampler.peak / 2**30, 3),
+        "rss_gb_at_start_of_quantize": round(sampler.start / 2**30, 3),
+        "peak_rss_gb_while_quantizing": round(sampler.bytes / 2**30, 3),
         "peak_rss_gb_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "layers": len(summary.layers),
         **chose,

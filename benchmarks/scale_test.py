@@ -1,10 +1,12 @@
 """Scale test: quantize a random Llama-shaped checkpoint larger than 4 GB with bounded memory.
 
 Builds (once) a random fp32 Llama checkpoint, written shard by shard so building it needs little memory either,
-then runs llmq's block-by-block GPTQ over it straight from disk with seeded random calibration tokens, and
-prints / writes checkpoint size, wall time, seconds per block and the peak RSS sampled while quantizing.
+then runs llmq's block-by-block GPTQ (or block-wise QAT: GPTQ, then each block's scales trained toward the
+full-precision block output) over it straight from disk with seeded random calibration tokens, and prints / writes
+checkpoint size, wall time, seconds per block and the peak RSS sampled while quantizing.
 
     python benchmarks/scale_test.py [--dir /tmp/llmq-scale] [--layers 18] [--samples 8] [--seqlen 512]
+    python benchmarks/scale_test.py --method qat-blockwise --epochs 1 --out benchmarks/results/scale_test_qat.json
 """
 
 from __future__ import annotations
@@ -12,19 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from quantize_only import RssSampler, rss_bytes  # noqa: E402
-
-import llmq  # noqa: E402
-from llmq.checkpoint.safetensors_io import INDEX  # noqa: E402
-from llmq.quantization import blockwise  # noqa: E402
+import llmq
+from llmq.checkpoint.safetensors_io import INDEX
+from llmq.memory import PeakRss
+from llmq.quantization import blockwise
 
 HIDDEN, INTERMEDIATE, VOCAB = 2048, 5632, 32000
 
@@ -80,6 +79,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--method", choices=["gptq", "qat-blockwise"], default="gptq")
+    ap.add_argument("--epochs", type=int, default=1, help="qat-blockwise: passes over the calibration batches per block")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale_test.json"))
     args = ap.parse_args()
     folder = Path(args.dir) / f"llama-{args.layers}L-fp32"
@@ -87,34 +88,38 @@ def main() -> None:
     size = build(folder, args.layers)
     build_s = time.perf_counter() - t
 
+    gptq = {"act_order": True, "static_groups": True}
+    method = {"name": "gptq", **gptq} if args.method == "gptq" else {
+        "name": "qat", "mode": "blockwise", "init": "gptq", **gptq, "block_epochs": args.epochs,
+        "block_lr": 0.0, "block_qparam_lr": 0.01}
     recipe = llmq.Recipe.from_dict({
-        "name": "scale-test", "model": str(folder),
-        "method": {"name": "gptq", "act_order": True, "static_groups": True},
+        "name": "scale-test", "model": str(folder), "method": method,
         "scheme": {"bits": args.bits, "group_size": 128, "symmetric": False},
         "calibration": {"n_samples": args.samples, "seqlen": args.seqlen, "batch_size": 4}, "eval": None,
     })
     calib = torch.randint(0, VOCAB, (args.samples, args.seqlen), generator=torch.Generator().manual_seed(0))
     work = Path(args.dir) / "quantized"
     shutil.rmtree(work, ignore_errors=True)
-    rss_start = rss_bytes()
-    sampler = RssSampler()
-    sampler.start()
-    try:
+    with PeakRss() as peak:
         summary = blockwise.quantize_checkpoint(recipe, folder, work, torch.float16, calib)
-    finally:
-        sampler.__exit__()
+    trained = [r for r in summary.rows if r.get("method") == "qat-block" and r["layer"] == "self_attn.q_proj"]
     result = {
         "checkpoint_gb": round(size / 1e9, 3),
         "layers": args.layers,
         "hidden": HIDDEN,
         "intermediate": INTERMEDIATE,
         "calibration": f"{args.samples} x {args.seqlen} random tokens",
-        "scheme": f"W{args.bits}g128 asym GPTQ act_order+static_groups, fp16 scales",
+        "scheme": f"W{args.bits}g128 asym, fp16 scales",
+        "method": "GPTQ act_order+static_groups" + (
+            f", then block-wise QAT of the scales, {args.epochs} epoch(s) per block" if trained else ""),
+        **({"steps_per_block": trained[0]["steps"],
+            "block_error_after_over_before_median": round(sorted(r["loss"] / r["init_loss"] for r in trained)[len(trained) // 2], 4)}
+           if trained else {}),
         "build_s": round(build_s, 1),
         "quantize_s": round(summary.seconds, 1),
         "seconds_per_block": round(summary.seconds / args.layers, 2),
-        "rss_gb_at_start": round(rss_start / 2**30, 3),
-        "peak_rss_gb_while_quantizing": round(sampler.peak / 2**30, 3),
+        "rss_gb_at_start": round(peak.start / 2**30, 3),
+        "peak_rss_gb_while_quantizing": round(peak.bytes / 2**30, 3),
         "output_gb": round(sum(f.stat().st_size for f in work.glob("*.safetensors")) / 1e9, 3),
         "threads": torch.get_num_threads(),
     }

@@ -27,7 +27,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from .. import data
+from .. import data, memory
 from ..calibration import calibration_batches
 from ..describe import scheme_words
 from ..environment import default_device, folder_dtype, is_main_process, output_dtype, world_size
@@ -238,8 +238,11 @@ def choose_schemes(job: Job) -> None:
 
 def quantize(job: Job) -> Quantized:
     """Quantize into `job.work` by the route the recipe's method and format take (QUANTIZE_ROUTES)."""
-    done = QUANTIZE_ROUTES[_route(job.recipe)](job)
+    with memory.PeakRss() as peak:
+        done = QUANTIZE_ROUTES[_route(job.recipe)](job)
     job.timings["quantize_s"] = done.summary.seconds
+    if peak.mb is not None:  # report.json's quantization.peak_rss_mb: this process's resident set while quantizing
+        done.extra["peak_rss_mb"] = peak.mb
     return done
 
 

@@ -29,7 +29,7 @@ from ..errors import BadInputError
 from ..model.structure import decoder_blocks, input_embedding, skeleton, targeted_linears
 from ..numerics import Scheme, stored_bits
 from ..recipe import Recipe, SchemeConfig, check_against_layers
-from ..recipe.schema import EmbeddingScheme, LayerOverride
+from ..recipe.scheme import EmbeddingScheme, LayerOverride
 from ..recipe.targets import matches
 from . import sensitivity
 from .blockwise import embedding_plan, stores_g_idx

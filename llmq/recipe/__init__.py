@@ -1,6 +1,6 @@
 """The recipe: one YAML file that says what llmq should do, validated before any heavy work starts.
 
-`schema.py` holds the sections and their rules, `presets.py` the named presets, formats and method names,
+`schema.py` holds the sections and their rules (`scheme.py` the scheme section: overrides, size budget, embedding), `presets.py` the named presets, formats and method names,
 `targets.py` which layers a recipe selects and the checks that need their shapes, `messages.py` the one-line
 errors. Everything a caller needs is importable from here.
 """

@@ -56,6 +56,7 @@ def test_run_save_reload_identical_logits(tiny_recipe, scheme, clip):
     report = json.loads((out / "report.json").read_text())
     assert report["report_version"] == 2 and report["recipe_hash"] == result.recipe.hash()
     assert report["command"] == f"llmq run recipe.yaml -o {out}"
+    assert report["quantization"]["peak_rss_mb"] >= 50  # the resident set while quantizing (a torch process: > 50 MB)
     for key in ("base", "quantized"):
         m = report["metrics"][key]
         assert m["windows"] == 4 and m["seqlen"] == 64 and m["tokens"] == 4 * 63 and m["ppl"] > 1
