@@ -39,7 +39,6 @@ def trim() -> None:
         _libc().malloc_trim(0)
 
 
-
 def rss_bytes() -> int | None:
     """This process's resident set now (VmRSS), or None where /proc is not there (not Linux)."""
     try:
