@@ -71,6 +71,33 @@ def test_training_lowers_the_block_output_error_below_its_ptq_start(tiny_recipe,
         assert int(qw.q.max()) <= (1 << bits) - 1
 
 
+def test_training_runs_under_bf16_autocast_on_a_gpu_and_converts_exactly(tiny_recipe, tmp_path, monkeypatch):
+    """On a GPU the training forward runs in bf16 autocast. No GPU here: the same wiring is driven with the CPU's
+    bf16 autocast. It must still lower the error, leave the block holding exactly its integers (conversion and the
+    logged losses are fp32, outside autocast), and train differently from fp32 (so autocast really was on)."""
+    from contextlib import nullcontext
+
+    from llmq.methods.qat import block_ap
+
+    with pytest.warns(UserWarning, match="CUDA"):  # torch disables a CUDA autocast on a machine without CUDA
+        on_gpu = block_ap.training_autocast(torch.device("cuda"))
+    assert isinstance(on_gpu, torch.autocast) and on_gpu.fast_dtype == torch.bfloat16
+    assert isinstance(block_ap.training_autocast(torch.device("cpu")), nullcontext)
+
+    recipe = Recipe.from_dict(_blockwise(tiny_recipe, tmp_path, init="gptq", block_lr=0.0))
+    trained = {}
+    for precision in ("fp32", "bf16"):
+        if precision == "bf16":
+            monkeypatch.setattr(block_ap, "training_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+        block, names, job, rows = _first_block_job(recipe)
+        trained[precision] = block_method(recipe.method).quantize_block(block, names, job)
+        assert rows[-1]["loss"] < rows[-1]["init_loss"]
+        assert block_mse(block, job, job.targets) == pytest.approx(rows[-1]["loss"], rel=1e-6)
+        for name, qw in trained[precision].items():
+            assert torch.equal(block.get_submodule(name).weight, numerics.dequantize(qw, recipe.scheme.to_scheme()))
+    assert any(not torch.equal(trained["fp32"][n].scales, trained["bf16"][n].scales) for n in names)
+
+
 def test_a_block_trained_for_zero_steps_keeps_its_init_exactly(tiny_recipe, tmp_path):
     """Zero steps (a time budget with no room to train): the integers, scales and zero points are GPTQ's, bit for bit."""
     recipe = Recipe.from_dict(_blockwise(tiny_recipe, tmp_path, init="gptq"))
@@ -276,7 +303,9 @@ def test_a_killed_run_with_a_time_budget_resumes_with_the_same_plan(tiny_recipe,
 
     recipe = _blockwise(tiny_recipe, tmp_path)
     del recipe["method"]["block_epochs"]
-    recipe["method"]["block_minutes"] = 0.4  # room for block 1 after block 0's re-plan, also on a busy machine
+    # room for block 1 after block 0's re-plan, also on a busy machine (0.4 left block 1 no steps while a 30-minute
+    # quantization shared the two cores)
+    recipe["method"]["block_minutes"] = 0.8
     recipe["eval"] = None
     with killed_at_block_1(monkeypatch), pytest.raises(RuntimeError, match="killed"):
         llmq.run(recipe)
@@ -284,7 +313,7 @@ def test_a_killed_run_with_a_time_budget_resumes_with_the_same_plan(tiny_recipe,
     planned = resume.planned_block_steps(work)
     assert planned is not None and planned > 0
     spent = resume.spent_block_seconds(work)  # the killed run's time counts against the resumed run's budget
-    assert 0 < spent < 0.4 * 60
+    assert 0 < spent < 0.8 * 60
     seen = []
     monkeypatch.setattr(StepBudget, "plan", lambda *a, **k: seen.append(a) or 0)  # a resume must not plan again
     resumed = llmq.run(recipe)
