@@ -41,7 +41,15 @@ from ..methods.rtn import quantize_weight, rtn_block
 from ..model.structure import decoder_blocks, input_embedding, targeted_linears
 from ..numerics import QWeight, Scheme
 from ..recipe import Recipe, check_against_layers
-from .resume import ACTIVATIONS, PROGRESS, blocks_done, planned_block_steps, run_key, spent_block_seconds
+from .resume import (
+    ACTIVATIONS,
+    PROGRESS,
+    blocks_done,
+    planned_block_steps,
+    planned_step_seconds,
+    run_key,
+    spent_block_seconds,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +145,12 @@ def _job(recipe: Recipe, scale_dtype: torch.dtype, inputs, clusters, rows: list,
                     blocks_left=blocks_left)
 
 
-def step_budget(recipe: Recipe, n_blocks: int, started: float, steps: int | None = None) -> StepBudget | None:
-    """Block-wise QAT's `block_minutes` as a StepBudget (None for every other method); `steps`: a resumed plan."""
+def step_budget(recipe: Recipe, n_blocks: int, started: float, steps: int | None = None,
+                step_s: float | None = None) -> StepBudget | None:
+    """Block-wise QAT's `block_minutes` as a StepBudget (None for every other method); `steps` / `step_s`: a resumed
+    plan and the step time it was made from."""
     minutes = recipe.method.block_minutes if recipe.method.blockwise else None
-    return None if minutes is None else StepBudget(minutes * 60, n_blocks, started, steps)
+    return None if minutes is None else StepBudget(minutes * 60, n_blocks, started, steps, step_s)
 
 
 def _with_default_g_idx(qweights: dict[str, QWeight], schemes: dict[str, Scheme]) -> dict[str, QWeight]:
@@ -345,7 +355,8 @@ class _DiskWalk:
                                   skipped=plan.skipped, embedding=plan.embedding)
         if done:  # the budget covers the whole method: what the interrupted run spent counts
             started -= spent_block_seconds(work)
-        budget = step_budget(recipe, len(plan.blocks), started, planned_block_steps(work) if done else None)
+        budget = step_budget(recipe, len(plan.blocks), started, *((planned_block_steps(work), planned_step_seconds(work))
+                                                                   if done else (None, None)))
         return cls(recipe, work, config, model, plan, reader, scale_dtype, device, key, done, log, summary,
                    step_budget=budget)
 
@@ -456,6 +467,7 @@ class _DiskWalk:
                 progress = {"run": self.key, "blocks_done": i + 1, "n_blocks": n_blocks}
                 if self.step_budget is not None:  # the plan for the next block, and the time spent so far
                     progress["block_steps"] = self.step_budget.steps
+                    progress["block_step_seconds"] = self.step_budget.step_s
                     progress["block_seconds_spent"] = round(time.perf_counter() - self.step_budget.started, 3)
                 trained = [r for r in self.summary.rows if r["block"] == str(i) and "init_loss" in r]
                 if trained:

@@ -64,6 +64,16 @@ def spent_block_seconds(work: Path) -> float:
     return float(spent) if isinstance(spent, (int, float)) and spent >= 0 else 0.0
 
 
+def planned_step_seconds(work: Path) -> float | None:
+    """The seconds a training step took when the run last measured one, as its progress file records them (None: not
+    recorded); a resumed run re-plans from it after a block its plan gave no steps."""
+    try:
+        seconds = json.loads((work / PROGRESS).read_text(encoding="utf-8")).get("block_step_seconds")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return float(seconds) if isinstance(seconds, (int, float)) and seconds > 0 else None
+
+
 def planned_block_steps(work: Path) -> int | None:
     """The training steps per block a block-wise QAT run with a time budget planned, as its progress file records
     them (None: not planned yet). Read after `blocks_done` accepted the file."""

@@ -277,6 +277,26 @@ def test_after_a_block_trains_the_rest_is_re_planned_from_what_its_steps_took():
     assert faster.plan(6, 1.0, 0.5, 0.1, trained_here=True) > 29  # faster than planned: more
 
 
+def test_a_block_given_no_steps_still_re_plans_so_later_blocks_train_again(tiny_recipe, tmp_path):
+    """A slow stretch can leave a block no steps; the blocks after it must get steps again once time allows (before,
+    only a block that trained re-planned, so one zero plan stopped training for the rest of the walk: seen on
+    SmolLM2 W2g32 with a test run on the cores)."""
+    import time
+
+    recipe = Recipe.from_dict(_blockwise(tiny_recipe, tmp_path, init="gptq"))
+    block, names, job, rows = _first_block_job(recipe)
+    job.step_budget = StepBudget(seconds=600.0, n_blocks=4, started=time.perf_counter(), steps=0, step_s=0.05)
+    job.blocks_left = 3
+    block_method(recipe.method).quantize_block(block, names, job)
+    assert rows[-1]["steps"] == 0
+    assert job.step_budget.steps > 0 and job.step_budget.step_s == 0.05  # re-planned from the last step time known
+    # a plan never made (no step timed yet) is left to the first block that trains
+    block, names, job, rows = _first_block_job(recipe)
+    job.step_budget, job.blocks_left = StepBudget(seconds=600.0, n_blocks=4, started=time.perf_counter(), steps=0), 3
+    block_method(recipe.method).quantize_block(block, names, job)
+    assert job.step_budget.steps == 0 and job.step_budget.step_s is None
+
+
 def test_a_run_with_a_time_budget_re_plans_after_each_block_and_trains_by_the_new_plan(tiny_recipe, tmp_path,
                                                                                       monkeypatch):
     recipe = _blockwise(tiny_recipe, tmp_path, block_minutes=0.2)
@@ -313,6 +333,7 @@ def test_a_killed_run_with_a_time_budget_resumes_with_the_same_plan(tiny_recipe,
     planned = resume.planned_block_steps(work)
     assert planned is not None and planned > 0
     spent = resume.spent_block_seconds(work)  # the killed run's time counts against the resumed run's budget
+    assert resume.planned_step_seconds(work) > 0  # and the step time its plan came from (to re-plan after 0 steps)
     assert 0 < spent < 0.8 * 60
     seen = []
     monkeypatch.setattr(StepBudget, "plan", lambda *a, **k: seen.append(a) or 0)  # a resume must not plan again

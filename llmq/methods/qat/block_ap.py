@@ -62,12 +62,14 @@ class StepBudget:
     n_blocks: int
     started: float  # time.perf_counter() when the method started (a resumed run: minus what the first run spent)
     steps: int | None = None  # the plan for the next block that trains, once made (or restored on resume)
+    step_s: float | None = None  # the seconds a step took when last measured (what a block given no steps re-plans from)
 
     def plan(self, blocks_left: int, init_s: float, eval_s: float, step_s: float, trained_here: bool = False) -> int:
         """Steps per block so that the rest fits. Before this block trains (`trained_here` False), `blocks_left`
         counts it: it still trains and evaluates twice (loss after, the walk's advance), and each later block also
         computes its targets, its init and its loss before training. After it trained, `blocks_left` counts the
         blocks after it only, and this block's two evaluations are still to come."""
+        self.step_s = step_s
         left = self.seconds * SAFETY - (time.perf_counter() - self.started)
         later = blocks_left if trained_here else blocks_left - 1
         fixed = 2 * eval_s + later * (4 * eval_s + init_s)
@@ -105,8 +107,13 @@ def qat_block(block: nn.Module, names: list[str], job: BlockJob, init: BlockMeth
     steps = _steps(block, job, targets, init_s, eval_s)
     t = time.perf_counter()
     train_block(block, job, targets, steps)
-    if job.step_budget is not None and steps > 0 and job.blocks_left > 1:  # re-plan the rest from what steps took
-        job.step_budget.plan(job.blocks_left - 1, init_s, eval_s, (time.perf_counter() - t) / steps, trained_here=True)
+    budget = job.step_budget
+    if budget is not None and job.blocks_left > 1:  # re-plan the rest from what this block's steps took
+        # a block given no steps (a slow stretch used its share) re-plans from the last step time known, so the
+        # blocks after it train again once the machine is back to speed
+        step_s = (time.perf_counter() - t) / steps if steps > 0 else budget.step_s
+        if step_s is not None:
+            budget.plan(job.blocks_left - 1, init_s, eval_s, step_s, trained_here=True)
     trained = {name: block.get_submodule(name).to_qweight() for name in qweights}
     for name, qw in trained.items():  # back to plain Linear layers holding the exact dequantized weights
         layer = block.get_submodule(name)
