@@ -54,33 +54,32 @@ def blocks_done(work: Path, key: str, n_blocks: int | None = None) -> int:
     return 0
 
 
+def _progress_field(work: Path, key: str):
+    """One field of the progress file (None when the file or the field cannot be read)."""
+    try:
+        return json.loads((work / PROGRESS).read_text(encoding="utf-8")).get(key)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def spent_block_seconds(work: Path) -> float:
     """The seconds a block-wise QAT run with a time budget had spent when it recorded its last finished block (0
     when its progress file does not say): a resumed run counts them against the same budget."""
-    try:
-        spent = json.loads((work / PROGRESS).read_text(encoding="utf-8")).get("block_seconds_spent", 0.0)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return 0.0
+    spent = _progress_field(work, "block_seconds_spent")
     return float(spent) if isinstance(spent, (int, float)) and spent >= 0 else 0.0
 
 
 def planned_step_seconds(work: Path) -> float | None:
     """The seconds a training step took when the run last measured one, as its progress file records them (None: not
     recorded); a resumed run re-plans from it after a block its plan gave no steps."""
-    try:
-        seconds = json.loads((work / PROGRESS).read_text(encoding="utf-8")).get("block_step_seconds")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
+    seconds = _progress_field(work, "block_step_seconds")
     return float(seconds) if isinstance(seconds, (int, float)) and seconds > 0 else None
 
 
 def planned_block_steps(work: Path) -> int | None:
     """The training steps per block a block-wise QAT run with a time budget planned, as its progress file records
     them (None: not planned yet). Read after `blocks_done` accepted the file."""
-    try:
-        steps = json.loads((work / PROGRESS).read_text(encoding="utf-8")).get("block_steps")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
+    steps = _progress_field(work, "block_steps")
     if steps is not None and (type(steps) is not int or steps < 0):
         raise LlmqError(f"{work / PROGRESS}: block_steps {steps!r} is not a step count llmq wrote; remove {work} to start over")
     return steps
