@@ -30,6 +30,7 @@ class BlockJob:
     targets: list[torch.Tensor] | None = None
     step_budget: Any = None  # block-wise QAT with block_minutes: its StepBudget, shared by every block of the walk
     blocks_left: int = 1  # this block and the ones after it
+    advanced: bool = False  # the method already advanced `inputs` through the finished block (the walk must not again)
 
     def scheme_for(self, name: str) -> Scheme:
         """The scheme of the block's layer `name` (recipe overrides and budgets give layers their own)."""

@@ -181,7 +181,8 @@ def _quantize_block(method, block: nn.Module, names: list[str], job: BlockJob) -
 def _advance(method, block: nn.Module, job: BlockJob) -> None:
     """The block's calibration activations become the next block's: the quantized stream through the quantized
     block, and the full-precision stream (if kept) is the block's outputs computed before it was quantized."""
-    job.inputs.advance(block)
+    if not job.advanced:  # block-wise QAT advances the stream itself, in the pass that measures its error after
+        job.inputs.advance(block)
     if method.needs_reference:
         job.inputs.reference = job.targets
 

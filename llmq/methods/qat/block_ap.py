@@ -30,7 +30,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -66,13 +66,13 @@ class StepBudget:
 
     def plan(self, blocks_left: int, init_s: float, eval_s: float, step_s: float, trained_here: bool = False) -> int:
         """Steps per block so that the rest fits. Before this block trains (`trained_here` False), `blocks_left`
-        counts it: it still trains and evaluates twice (loss after, the walk's advance), and each later block also
-        computes its targets, its init and its loss before training. After it trained, `blocks_left` counts the
-        blocks after it only, and this block's two evaluations are still to come."""
+        counts it: it still trains and evaluates once (its advance, which also gives the loss after), and each later
+        block also computes its targets, its init and its loss before training. After it trained, `blocks_left`
+        counts the blocks after it only, and this block's advance is still to come."""
         self.step_s = step_s
         left = self.seconds * SAFETY - (time.perf_counter() - self.started)
         later = blocks_left if trained_here else blocks_left - 1
-        fixed = 2 * eval_s + later * (4 * eval_s + init_s)
+        fixed = eval_s + later * (3 * eval_s + init_s)
         self.steps = max(0, int((left - fixed) / (max(blocks_left, 1) * max(step_s, 1e-6))))
         log = logger.debug if trained_here else logger.info  # the first plan is news; re-plans are routine
         log(f"block-wise QAT: {self.steps} training steps per block fit what is left of "
@@ -82,11 +82,18 @@ class StepBudget:
 
 
 @torch.no_grad()
+def stream_mse(outputs: Iterable[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """Mean squared error of `outputs` against `targets`, over every batch (`outputs` may be a generator: one batch's
+    output in memory at a time)."""
+    total = sum(F.mse_loss(o.float(), t.float(), reduction="sum") for o, t in zip(outputs, targets))
+    return float(total / sum(t.numel() for t in targets))
+
+
+@torch.no_grad()
 def block_mse(block: nn.Module, job: BlockJob, targets: list[torch.Tensor]) -> float:
     """Mean squared error of the block's outputs (on the quantized inputs) against `targets`, over every batch."""
-    total = sum(F.mse_loss(first_output(block(h, *a, **k)).float(), t.float(), reduction="sum")
-                for h, (a, k), t in zip(job.inputs.hidden, job.inputs.extras, targets))
-    return float(total / sum(t.numel() for t in targets))
+    return stream_mse((first_output(block(h, *a, **k)) for h, (a, k) in zip(job.inputs.hidden, job.inputs.extras)),
+                      targets)
 
 
 def qat_block(block: nn.Module, names: list[str], job: BlockJob, init: BlockMethod) -> dict[str, QWeight]:
@@ -118,7 +125,11 @@ def qat_block(block: nn.Module, names: list[str], job: BlockJob, init: BlockMeth
     for name, qw in trained.items():  # back to plain Linear layers holding the exact dequantized weights
         layer = block.get_submodule(name)
         block.set_submodule(name, _linear(layer, numerics.dequantize(qw, job.scheme_for(name), layer.weight_dtype)))
-    loss = block_mse(block, job, targets)
+    # the trained block's output is the next block's input: advancing the walk's activations here gives the error
+    # after training from the same pass (the walk then skips its own advance: `job.advanced`)
+    job.inputs.advance(block)
+    job.advanced = True
+    loss = stream_mse(job.inputs.hidden, targets)
     seconds = (time.perf_counter() - t0) / max(len(names), 1)
     for name in names:
         job.log({"layer": name, "method": "qat-block", "loss": loss, "init_loss": init_loss, "steps": steps,
