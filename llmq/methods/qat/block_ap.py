@@ -17,7 +17,8 @@ the block it resumes at). For one block:
    `steps` passes of one calibration batch each, in a fixed order (deterministic), learning rates decaying
    linearly to zero;
 5. convert: exact integers (`RoundingLinear.to_qweight`), written back into the block's Linear layers as their
-   dequantized weights, so the walk feeds the next block this block's quantized output.
+   dequantized weights; the activations are then advanced through the quantized block here, and that one pass
+   gives both the next block's inputs and the error after training (`job.advanced`: the walk does not advance again).
 
 Why not the latent-weight fake quantization of whole-model QAT: GPTQ leaves every weight exactly on its grid,
 where LSQ's scale gradient is zero and Adam turns the remaining noise into steps of a full learning rate; measured
