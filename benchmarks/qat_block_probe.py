@@ -45,7 +45,9 @@ from llmq.recipe import Recipe
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "qat-w3g64.yaml"
 
 
-def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+def pooled_relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """Σ|Δy|² / Σ|y|² over every token of every batch: the number the README quotes. (Not the sensitivity
+    planner's `relative_error`, which averages the ratio per token.)"""
     return float(sum(((o - t) ** 2).sum() for o, t in zip(outputs, targets)) / sum((t ** 2).sum() for t in targets))
 
 
@@ -120,8 +122,8 @@ def main() -> None:
             train.advance(block)
         held.advance(block)
         reference, held_reference = targets, held_targets
-        print(f"block {i}: held-out rel error {relative_error(held.hidden, held_reference):.5f}, calibration "
-              f"{relative_error(train.hidden, reference):.5f}, {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"block {i}: held-out rel error {pooled_relative_error(held.hidden, held_reference):.5f}, calibration "
+              f"{pooled_relative_error(train.hidden, reference):.5f}, {time.perf_counter() - t0:.0f} s", flush=True)
     windows = data.eval_windows(data.tokenize_corpus(tokenizer, data.load_text("wiki")), 2048, 4)
     nll, n = window_nll(model, windows)
     print(f"first {k} blocks quantized: wiki ppl (4 x 2048) {math.exp(nll / n):.4f}", flush=True)
