@@ -11,7 +11,7 @@ Three steps, two venvs (auto-round pins its own transformers, so its step never 
     .venv/bin/python benchmarks/peer_autoround.py score /tmp/ar w3g64
 
 Step 2 gives AutoRound exactly llmq's windows (a list of [4, 512] token batches: AutoRound's batch 4, as the QAT
-recipes), fp32 on the CPU, torch.compile off (as llmq), and records the wall clock of `quantize_and_save` and the
+recipes had when the first runs were made; they now use 1), fp32 on the CPU, torch.compile off (as llmq), and records the wall clock of `quantize_and_save` and the
 peak RSS. `--iters` scales AutoRound's default 200 iterations per block to a wall-clock budget.
 Results: benchmarks/results/peer_autoround.json (one row per run, appended).
 """
