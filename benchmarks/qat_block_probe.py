@@ -21,7 +21,8 @@ GPTQ only 0.01815, 22.571; the recipe as it was (4 windows a step, 2 epochs = 32
 Measured 2026-12-04, long calibration windows (the same 32k tokens as 16 windows of 2048, so attention is calibrated
 past position 512; 1 window a step, 32 steps): GPTQ only 0.01904, 22.476; trained 0.01490, 22.234. Wiki (2,048-token
 windows) gains ~0.06-0.1 ppl over 512-token windows, the 512-token held-out error loses ~7%. The whole W3g64 recipe
-with these windows lost (wiki 33.081 against 31.412: 29 steps per block of 2,048 tokens where 512-token steps gave 105).
+with these windows lost (wiki 33.081 against 31.412 and 31.753 in two runs of the shipped recipe: 29 steps per block
+of 2,048 tokens where 512-token steps gave 99-105).
 """
 
 from __future__ import annotations
