@@ -42,6 +42,11 @@ if not VLLM_PYTHON:
     pytest.skip("vLLM's venv not given: run `make test-vllm`", allow_module_level=True)
 
 PROBE = Path(__file__).with_name("vllm_load_probe.py")
+# vLLM's CPU build picks its kernel library the way torch reports the CPU: without AVX-512 it loads _C_AVX2, which
+# has no int4 matmul (cpu_gemm_wna16), so nothing int4 can run there (issue 19's missing op). Loading still works.
+NEEDS_INT4_KERNEL = pytest.mark.skipif(
+    not torch.cpu._is_avx512_supported(),
+    reason="this CPU has no AVX-512: vLLM's CPU build loads its AVX2 kernels, which have no int4 matmul (cpu_gemm_wna16)")
 PROMPT = [1, 5, 9, 33, 70, 101, 7, 200, 12, 44, 3, 150]
 LOGPROB_TOL = 4e-3
 BLOCK_LAYERS = {  # vLLM's merged layer -> llmq's layers, in vLLM's output order
@@ -135,6 +140,7 @@ def test_vllm_builds_the_export_and_holds_llmqs_weights(exported, loaded, name):
     assert report["prepared"] == "ok", report["prepared"]  # vLLM's CPU repack accepted every layer
 
 
+@NEEDS_INT4_KERNEL
 def test_vllm_cpu_matmul_runs_in_half_precision_only(loaded):
     """vLLM's CPU int4 matmul (cpu_gemm_wna16) gives x @ W^T in fp16 / bf16, within their rounding; not in fp32."""
     for name, (_, _, dtype) in LOADS.items():
@@ -151,6 +157,7 @@ def test_vllm_cpu_refuses_what_the_readme_says(loaded, name):
     assert REFUSED[name][3] in loaded[name].get("refused", ""), loaded[name]
 
 
+@NEEDS_INT4_KERNEL
 def test_vllm_engine_gives_llmqs_log_probabilities(exported):
     folder = exported["sym"].parent / "serve"
     folder.mkdir()
